@@ -1,0 +1,386 @@
+"""
+DREAM: Dense Retrieval Embeddings via Autoregressive Modeling, in one file.
+
+A retriever E scores a query q against k candidate documents,
+
+    s_i = cos(E(q), E(d_i)),
+
+and a frozen causal LM reads  [d_1] ... [d_k] [q] [y]  and predicts the target y (an answer).
+In selected attention heads, every attention logit from a position after the documents (the
+query and target tokens) to a token of document i gets the bias
+
+    b_i = log softmax(s / tau)_i + log k.
+
+The k documents now compete for one attention budget: in such a head the attention mass on
+document i is multiplied by k * softmax(s / tau)_i and renormalised. Equal scores give b = 0, so
+the LM is exactly itself. The loss is the LM's next-token cross-entropy on y only,
+
+    L = -1/|y| sum_t log p_LM(y_t | d_1..d_k, q, y_<t ; b(s)),
+
+and its gradient reaches the retriever through b alone: the LM is frozen, and there are no
+relevance labels. Whichever document helps the LM predict y is pulled up.
+
+This is our reading of arXiv 2606.24667, whose equations are not public.
+
+Sections: 1 score-biased attention, 2 the frozen LM, 3 packing a batch, 4 the loss, 5 the retriever.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AttentionInterface, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.utils import cached_file
+
+# -----------------------------------------------------------------------------
+# 1. score-biased attention, written by hand
+
+
+@dataclass
+class DocBias:
+    """What the attention layers need to know: the bias and which heads get it."""
+    bias: torch.Tensor   # [B, T, T] added logit: b_i from rows after the documents to doc-i columns
+    heads: dict          # layer index -> [H] float mask, 1.0 for a biased head
+    reached: int = 0     # how many biased layers saw it (a model that drops kwargs is caught)
+    attentions: dict = None  # layer -> [B, H, T, T] probabilities, when asked for
+
+
+def dream_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                    dream=None, **kwargs):
+    """Attention for one layer. query [B, H, T, D]; key, value [B, H_kv, T, D].
+
+    Layers without a biased head go to the model's fast SDPA kernel unchanged."""
+    heads = dream.heads.get(module.layer_idx) if dream is not None else None
+    if heads is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      dropout=dropout, scaling=scaling, **kwargs)
+    dream.reached += 1
+    # grouped-query attention: each key/value head serves H / H_kv query heads
+    key = repeat_kv(key, query.shape[1] // key.shape[1])
+    value = repeat_kv(value, query.shape[1] // value.shape[1])
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    logits = (query @ key.transpose(-1, -2)) * scaling               # [B, H, T, S]
+    T, S = logits.shape[-2:]
+    if attention_mask is None:  # transformers omits the mask when plain causal is enough
+        attention_mask = torch.ones(T, S, dtype=torch.bool, device=logits.device).tril(S - T)
+    if attention_mask.dtype == torch.bool:  # finite fill: a fully masked row must not give NaN
+        logits = logits.masked_fill(~attention_mask, torch.finfo(logits.dtype).min)
+    else:
+        logits = logits + attention_mask
+    # the DREAM bias, in the selected heads only
+    logits = logits + heads.to(logits.dtype)[:, None, None] * dream.bias[:, None].to(logits.dtype)
+    # softmax in at least fp32, as transformers does
+    probs = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    if dream.attentions is not None:
+        dream.attentions[module.layer_idx] = probs
+    out = probs @ value                                                # [B, H, T, D]
+    return out.transpose(1, 2).contiguous(), probs
+
+
+# "dream" is an attention implementation like "sdpa": transformers calls it in every layer
+AttentionInterface.register("dream", dream_attention)
+AttentionMaskInterface.register("dream", sdpa_mask)
+
+
+def resolve_heads(lm, heads="all"):
+    """Turn a head selection into {layer: [H] 0/1 mask}. Accepted forms:
+    "all"; a layer slice "20:30" or "-8:" (every head of those layers); "13-4,20-0" (layer-head
+    pairs, the format of a saved head ranking); or a list of (layer, head) pairs."""
+    L, H = lm.config.num_hidden_layers, lm.config.num_attention_heads
+    if isinstance(heads, str) and (heads == "all" or ":" in heads):
+        if heads == "all":
+            layers = range(L)
+        else:
+            try:
+                layers = range(L)[slice(*(int(p) if p.strip() else None for p in heads.split(":")))]
+            except ValueError:
+                raise ValueError(f"heads={heads!r}: a layer slice looks like '20:30' or '-8:'") from None
+        pairs = [(l, h) for l in layers for h in range(H)]
+    elif isinstance(heads, str):
+        try:
+            pairs = [tuple(int(x) for x in p.split("-")) for p in heads.split(",") if p.strip()]
+            assert all(len(p) == 2 for p in pairs)
+        except (ValueError, AssertionError):
+            raise ValueError(f"heads={heads!r}: write heads as 'layer-head' pairs, e.g. '13-4,20-0'") from None
+    else:
+        pairs = [tuple(p) for p in heads]
+    if not pairs:
+        raise ValueError(f"heads={heads!r} selects no head: DREAM needs at least one biased head")
+    masks = {}
+    for layer, head in pairs:
+        if not (0 <= layer < L and 0 <= head < H):
+            raise ValueError(f"head ({layer}, {head}) does not exist: the model has {L} layers "
+                             f"of {H} heads (layers 0..{L - 1}, heads 0..{H - 1})")
+        masks.setdefault(layer, torch.zeros(H))[head] = 1.0
+    return masks
+
+
+# -----------------------------------------------------------------------------
+# 2. the frozen LM
+
+
+def prepare_lm(lm):
+    """Freeze a causal LM in place and switch it to score-biased attention."""
+    attn = [m for m in lm.modules() if hasattr(m, "layer_idx") and hasattr(m, "is_causal")]
+    if (getattr(lm.config, "is_encoder_decoder", False) or lm.get_output_embeddings() is None
+            or not attn or not all(m.is_causal for m in attn)):
+        raise ValueError(f"{type(lm).__name__} is not a causal LM: DREAM needs a decoder-only model "
+                         "with causal self-attention and an LM head (AutoModelForCausalLM)")
+    lm.requires_grad_(False).eval()
+    lm.set_attn_implementation("dream")
+    return lm
+
+
+def load_frozen_lm(name_or_path, gguf_file=None, dtype=torch.float32, device=None):
+    """A frozen causal LM with score-biased attention, and its tokenizer.
+
+    name_or_path: a hub name, a local folder, or a .gguf file (or pass gguf_file= with its folder)."""
+    if gguf_file is None and str(name_or_path).endswith(".gguf"):
+        name_or_path, gguf_file = os.path.split(os.path.abspath(name_or_path))
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(name_or_path, **extra)
+    lm = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **extra)
+    if tok.pad_token is None:  # padding is masked out, any token will do
+        tok.pad_token = tok.eos_token or tok.unk_token or tok.convert_ids_to_tokens(0)
+    return prepare_lm(lm.to(device) if device else lm), tok
+
+
+# -----------------------------------------------------------------------------
+# 3. packing: [bos] [d_1 \n\n] ... [d_k \n\n] [Question: q\nAnswer:] [ y]
+
+DOC_SEPARATOR = "\n\n"
+QUERY_FORMAT = "Question: {}\nAnswer:"
+TARGET_FORMAT = " {}"
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor       # [B, T], right-padded
+    attention_mask: torch.Tensor  # [B, T], 1 for real tokens
+    labels: torch.Tensor          # [B, T], target token ids, -100 elsewhere (HF convention)
+    spans: torch.Tensor           # [B, k, 2], [start, end) of each document's tokens
+
+    def to(self, device):
+        return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+def pack(tok, queries, docs, targets, max_doc_tokens=128):
+    """One LM batch from B queries, B lists of k documents and B targets.
+
+    Each document is cut to max_doc_tokens tokens. Padding goes on the right, so a padded
+    example is computed exactly as it would be alone."""
+    if not (len(queries) == len(docs) == len(targets)):
+        raise ValueError(f"pack: got {len(queries)} queries, {len(docs)} document lists and "
+                         f"{len(targets)} targets; they must be equally many")
+    k = len(docs[0]) if docs else 0
+    if k < 2:
+        raise ValueError(f"pack: k = {k} documents per query. With one document softmax(s/tau) is "
+                         "constant, the bias is zero and the retriever gets no gradient: give k >= 2")
+    encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]
+    start = tok("")["input_ids"]  # whatever the tokenizer puts first, e.g. <bos>
+    sep = encode(DOC_SEPARATOR)
+    rows, spans = [], []
+    for b, (q, ds, y) in enumerate(zip(queries, docs, targets)):
+        if len(ds) != k:
+            raise ValueError(f"pack: example {b} has {len(ds)} documents, example 0 has {k}; "
+                             "every query needs the same number of candidates")
+        ids, example_spans = list(start), []
+        for i, d in enumerate(ds):
+            d_ids = encode(d)[:max_doc_tokens]
+            if not d_ids:
+                raise ValueError(f"pack: document {i} of example {b} has no tokens "
+                                 f"(text {d[:40]!r}, max_doc_tokens={max_doc_tokens})")
+            example_spans.append((len(ids), len(ids) + len(d_ids) + len(sep)))
+            ids += d_ids + sep
+        ids += encode(QUERY_FORMAT.format(q))
+        y_ids = encode(TARGET_FORMAT.format(y))
+        if not y_ids:
+            raise ValueError(f"pack: the target of example {b} ({y!r}) tokenizes to nothing")
+        rows.append((ids + y_ids, len(ids)))
+        spans.append(example_spans)
+    T = max(len(ids) for ids, _ in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    for b, (ids, n_prompt) in enumerate(rows):
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        attention_mask[b, :len(ids)] = 1
+        labels[b, n_prompt:len(ids)] = input_ids[b, n_prompt:len(ids)]
+    return Batch(input_ids, attention_mask, labels, torch.tensor(spans, dtype=torch.long))
+
+
+# -----------------------------------------------------------------------------
+# 4. the DREAM loss
+
+
+def doc_bias(scores, temperature):
+    """b_i = log softmax(s/tau)_i + log k: zero for equal scores, sums of exp(b) to k."""
+    return F.log_softmax(scores / temperature, dim=-1) + math.log(scores.shape[-1])
+
+
+def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_attentions=False):
+    """Run the LM with the score bias; return its output with logits only where a target token
+    is predicted (a flat [N, V] tensor, row order = batch order), not over the documents.
+    output_attentions: out.attentions = {layer: [B, H, T, T] probabilities} of the biased layers."""
+    if lm.config._attn_implementation != "dream":
+        raise ValueError("this LM has no score-biased attention: load it with load_frozen_lm() "
+                         "or call prepare_lm(lm) first")
+    B, k = batch.spans.shape[:2]
+    if scores.shape != (B, k):
+        raise ValueError(f"scores has shape {tuple(scores.shape)}, the batch has {B} queries "
+                         f"of {k} documents: scores must be [{B}, {k}]")
+    T = batch.input_ids.shape[1]
+    pos = torch.arange(T, device=scores.device)
+    start, end = batch.spans[..., 0:1], batch.spans[..., 1:2]                  # [B, k, 1]
+    in_doc = (pos >= start) & (pos < end)                                       # [B, k, T]
+    b = doc_bias(scores, temperature)
+    column = torch.where(in_doc, b[..., None], 0.0).sum(1)                     # [B, T]
+    after_docs = pos[None] >= batch.spans[:, -1, 1:2]                           # [B, T]
+    bias = torch.where(after_docs[:, :, None], column[:, None, :], 0.0)        # [B, T, T]
+    masks = {l: m.to(scores.device) for l, m in resolve_heads(lm, heads).items()}
+    dream = DocBias(bias, masks, attentions={} if output_attentions else None)
+    predicts_target = torch.zeros_like(batch.labels, dtype=torch.bool)
+    predicts_target[:, :-1] = batch.labels[:, 1:] != -100
+    out = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, dream=dream,
+             logits_to_keep=predicts_target, use_cache=False)
+    if dream.reached < len(masks):
+        raise RuntimeError(f"{type(lm).__name__} did not pass the bias to its attention layers "
+                           f"({dream.reached} of {len(masks)} reached): it does not forward "
+                           "attention kwargs, so DREAM cannot bias it")
+    out.logits = out.logits.reshape(-1, out.logits.shape[-1])
+    out.attentions = dream.attentions
+    return out
+
+
+def dream_loss(lm, batch, scores, heads="all", temperature=0.05, reduction="mean"):
+    """Next-token cross-entropy on the targets, with the attention biased by the scores [B, k].
+
+    reduction="mean": the mean over examples of each example's mean over its target tokens;
+    "none": that per-example loss, shape [B]."""
+    logits = biased_forward(lm, batch, scores, heads, temperature).logits
+    targets = batch.labels[:, 1:]
+    is_target = targets != -100
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    nll = F.cross_entropy(logits, targets[is_target], reduction="none")
+    example = is_target.nonzero()[:, 0]
+    per_example = nll.new_zeros(len(targets)).index_add(0, example, nll)
+    per_example = per_example / is_target.sum(1)
+    return per_example.mean() if reduction == "mean" else per_example
+
+
+# -----------------------------------------------------------------------------
+# 5. the retriever
+
+POOLING_KEYS = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token",
+                "last": "pooling_mode_lasttoken"}
+
+
+class Retriever(nn.Module):
+    """A bi-encoder on any HF encoder or decoder: pooled, L2-normalised embeddings.
+
+    pooling: "mean" over tokens, "cls" (first token), or "last" (last non-pad token, for decoder
+    embedders). None reads it from a sentence-transformers folder, else "mean"."""
+
+    def __init__(self, name_or_path, pooling=None, max_length=None):
+        super().__init__()
+        self.model = AutoModel.from_pretrained(name_or_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        st_pooling, st_max_length = _read_sentence_transformers_config(name_or_path)
+        self.pooling = pooling or st_pooling or "mean"
+        if self.pooling not in POOLING_KEYS:
+            raise ValueError(f"pooling={self.pooling!r}: choose one of {list(POOLING_KEYS)}")
+        self.max_length = max_length or st_max_length or min(self.tokenizer.model_max_length, 512)
+        self.eval()  # as transformers loads models; call .train() to train with dropout
+
+    def tokenize(self, texts):
+        return self.tokenizer(list(texts), padding=True, truncation=True,
+                              max_length=self.max_length, return_tensors="pt")
+
+    def embed(self, texts):
+        """[N, d] unit vectors, with grad: the training path."""
+        inputs = self.tokenize(texts).to(self.model.device)
+        hidden = self.model(**inputs).last_hidden_state                     # [N, T, d]
+        mask = inputs["attention_mask"]
+        if self.pooling == "mean":
+            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        elif self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:  # last real token, whichever side the padding is on
+            last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
+            pooled = hidden[torch.arange(len(hidden)), last]
+        return F.normalize(pooled, dim=-1)
+
+    forward = embed
+
+    def score(self, queries, docs):
+        """Cosine scores [B, k] of B queries against their k documents each (one encoder call)."""
+        k = len(docs[0])
+        d = self.embed([text for ds in docs for text in ds]).view(len(docs), k, -1)
+        return torch.einsum("bd,bkd->bk", self.embed(queries), d)
+
+    @torch.no_grad()
+    def encode(self, texts, batch_size=64, progress=False):
+        """[N, d] float32 CPU embeddings without grad, batched by similar length."""
+        texts = list(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+        out = torch.empty(len(texts), self.model.config.hidden_size)
+        was_training = self.training
+        self.eval()
+        for i in tqdm(range(0, len(texts), batch_size), desc="encoding", disable=not progress):
+            idx = order[i:i + batch_size]
+            out[idx] = self.embed([texts[j] for j in idx]).float().cpu()
+        self.train(was_training)
+        return out
+
+    def save(self, path):
+        """A folder that Retriever.load and sentence_transformers.SentenceTransformer both read."""
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        dim = self.model.config.hidden_size
+        pooling = {"word_embedding_dimension": dim, "pooling_mode_max_tokens": False,
+                   "pooling_mode_mean_sqrt_len_tokens": False}
+        pooling.update({key: mode == self.pooling for mode, key in POOLING_KEYS.items()})
+        modules = [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
+        files = {
+            "modules.json": [{"idx": i, "name": str(i), "path": p, "type": f"sentence_transformers.models.{t}"}
+                             for i, (p, t) in enumerate(modules)],
+            "sentence_bert_config.json": {"max_seq_length": self.max_length, "do_lower_case": False},
+            "1_Pooling/config.json": pooling,
+            "2_Normalize/config.json": {},
+        }
+        for name, content in files.items():
+            os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
+            with open(os.path.join(path, name), "w") as f:
+                json.dump(content, f, indent=2)
+
+    @classmethod
+    def load(cls, path, **kwargs):
+        return cls(path, **kwargs)
+
+
+def _read_sentence_transformers_config(name_or_path):
+    """(pooling, max_length) from a sentence-transformers folder or hub repo, else (None, None)."""
+    def read(name):
+        try:
+            path = cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False)
+        except OSError:
+            return {}
+        if path is None:
+            return {}
+        with open(path) as f:
+            return json.load(f)
+    pool = read("1_Pooling/config.json")
+    mode = pool.get("pooling_mode")  # newer sentence-transformers write the mode by name
+    pooling = {"lasttoken": "last"}.get(mode, mode) or next(
+        (m for m, key in POOLING_KEYS.items() if pool.get(key)), None)
+    return pooling, read("sentence_bert_config.json").get("max_seq_length")
