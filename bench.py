@@ -62,7 +62,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=4, help="queries per step")
     parser.add_argument("--k", type=int, default=4, help="documents per query")
-    parser.add_argument("--heads", default="all", help="biased heads: all, a layer slice like -10:, or l-h pairs")
+    parser.add_argument("--heads", default="all", help="biased heads: all, a layer slice like --heads=-10:, or l-h pairs")
     parser.add_argument("--data-dir", default=os.environ.get("DREAM_DATA", "../shared/data"))
     args = parser.parse_args()
     say = (lambda *a: None) if args.json else print

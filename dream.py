@@ -46,27 +46,32 @@ from transformers.utils import cached_file
 @dataclass
 class DocBias:
     """What the attention layers need to know: the bias and which heads get it."""
-    bias: torch.Tensor   # [B, T, T] added logit: b_i from rows after the documents to doc-i columns
+    bias: torch.Tensor   # [B, T, S] added to the logits of the T query rows over the S key columns
     heads: dict          # layer index -> [H] float mask, 1.0 for a biased head
     reached: int = 0     # how many biased layers saw it (a model that drops kwargs is caught)
-    attentions: dict = None  # layer -> [B, H, T, T] probabilities, when asked for
+    attentions: dict = None  # layer -> [B, H, T, S] probabilities, when asked for
 
 
 def dream_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                     dream=None, **kwargs):
-    """Attention for one layer. query [B, H, T, D]; key, value [B, H_kv, T, D].
+    """Attention for one layer. query [B, H, T, D]; key, value [B, H_kv, S, D] (S >= T with a cache).
 
     Layers without a biased head go to the model's fast SDPA kernel unchanged."""
     heads = dream.heads.get(module.layer_idx) if dream is not None else None
     if heads is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise NotImplementedError(f"{type(module).__name__} uses attention softcapping or sinks, which "
+                                  "the score-biased attention does not implement")
     dream.reached += 1
     # grouped-query attention: each key/value head serves H / H_kv query heads
     key = repeat_kv(key, query.shape[1] // key.shape[1])
     value = repeat_kv(value, query.shape[1] // value.shape[1])
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    logits = (query @ key.transpose(-1, -2)) * scaling               # [B, H, T, S]
+    # at least fp32 from here: in bf16 a bias of 0.05 would be lost on a logit of 10
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    logits = (query.to(dtype) @ key.to(dtype).transpose(-1, -2)) * scaling   # [B, H, T, S]
     T, S = logits.shape[-2:]
     if attention_mask is None:  # transformers omits the mask when plain causal is enough
         attention_mask = torch.ones(T, S, dtype=torch.bool, device=logits.device).tril(S - T)
@@ -75,9 +80,8 @@ def dream_attention(module, query, key, value, attention_mask, scaling=None, dro
     else:
         logits = logits + attention_mask
     # the DREAM bias, in the selected heads only
-    logits = logits + heads.to(logits.dtype)[:, None, None] * dream.bias[:, None].to(logits.dtype)
-    # softmax in at least fp32, as transformers does
-    probs = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(query.dtype)
+    bias = heads.to(logits)[:, None, None] * dream.bias[:, None].to(logits)  # .to: dtype and device
+    probs = (logits + bias).softmax(dim=-1).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=module.training)
     if dream.attentions is not None:
         dream.attentions[module.layer_idx] = probs
@@ -166,7 +170,7 @@ class Batch:
     input_ids: torch.Tensor       # [B, T], right-padded
     attention_mask: torch.Tensor  # [B, T], 1 for real tokens
     labels: torch.Tensor          # [B, T], target token ids, -100 elsewhere (HF convention)
-    spans: torch.Tensor           # [B, k, 2], [start, end) of each document's tokens
+    spans: torch.Tensor           # [B, k, 2], [start, end) of each document and its separator
 
     def to(self, device):
         return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
@@ -185,7 +189,9 @@ def pack(tok, queries, docs, targets, max_doc_tokens=128):
         raise ValueError(f"pack: k = {k} documents per query. With one document softmax(s/tau) is "
                          "constant, the bias is zero and the retriever gets no gradient: give k >= 2")
     encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]
-    start = tok("")["input_ids"]  # whatever the tokenizer puts first, e.g. <bos>
+    # an unbiased first token: most LMs park spare attention on position 0 (an "attention sink"),
+    # and a bias there would scale that, not the attention to document 1
+    start = tok("")["input_ids"] or ([tok.bos_token_id] if tok.bos_token_id is not None else [])
     sep = encode(DOC_SEPARATOR)
     rows, spans = [], []
     for b, (q, ds, y) in enumerate(zip(queries, docs, targets)):
@@ -224,14 +230,16 @@ def pack(tok, queries, docs, targets, max_doc_tokens=128):
 
 def doc_bias(scores, temperature):
     """b_i = log softmax(s/tau)_i + log k: zero for equal scores, sums of exp(b) to k."""
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
     return F.log_softmax(scores / temperature, dim=-1) + math.log(scores.shape[-1])
 
 
 def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_attentions=False):
     """Run the LM with the score bias; return its output with logits only where a target token
     is predicted (a flat [N, V] tensor, row order = batch order), not over the documents.
-    output_attentions: out.attentions = {layer: [B, H, S, P + S] probabilities} of the biased
-    layers, rows = the S query and target positions, columns = the P document positions, then S."""
+    output_attentions: out.attentions = {layer: [B, H, N, P + N] probabilities} of the biased
+    layers; rows: the N suffix positions (query and target); columns: the P prefix positions
+    (the documents; a shorter example's own suffix there is masked out), then the N suffix ones."""
     if lm.config._attn_implementation != "dream":
         raise ValueError("this LM has no score-biased attention: load it with load_frozen_lm() "
                          "or call prepare_lm(lm) first")
@@ -243,22 +251,22 @@ def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_atte
     # without grad, into a key/value cache; only the query and target tokens (the suffix) run
     # with the bias, and only they are in the backward pass
     docs_end, length = batch.spans[:, -1, 1], batch.attention_mask.sum(1)        # [B]
-    P, S = int(docs_end.max()), int((length - docs_end).max())
+    P, N = int(docs_end.max()), int((length - docs_end).max())  # prefix and suffix lengths
     prefix_mask = torch.arange(P, device=docs_end.device) < docs_end[:, None]     # [B, P]
     with torch.no_grad():
         cache = lm(input_ids=batch.input_ids[:, :P], attention_mask=prefix_mask.long(),
-                   use_cache=True, logits_to_keep=1).past_key_values
-    where = docs_end[:, None] + torch.arange(S, device=docs_end.device)           # [B, S] positions
+                   use_cache=True, logits_to_keep=1).cache
+    where = docs_end[:, None] + torch.arange(N, device=docs_end.device)           # [B, N] positions
     suffix_mask = where < length[:, None]
     where = where.clamp(max=batch.input_ids.shape[1] - 1)
     labels = batch.labels.gather(1, where).masked_fill(~suffix_mask, -100)
     predicts_target = torch.zeros_like(suffix_mask)
     predicts_target[:, :-1] = labels[:, 1:] != -100
-    # the bias, b_i on the columns of document i, the same in every suffix row
-    pos = torch.arange(P + S, device=scores.device)
-    in_doc = (pos >= batch.spans[..., 0:1]) & (pos < batch.spans[..., 1:2])      # [B, k, P + S]
+    # the bias: b_i on the columns of document i, the same in every suffix row
+    pos = torch.arange(P + N, device=scores.device)
+    in_doc = (pos >= batch.spans[..., 0:1]) & (pos < batch.spans[..., 1:2])      # [B, k, P + N]
     column = torch.where(in_doc, doc_bias(scores, temperature)[..., None], 0.0).sum(1)
-    bias = column[:, None, :].expand(B, S, P + S)                                # [B, S, P + S]
+    bias = column[:, None, :].expand(B, N, P + N)                                # [B, N, P + N]
     masks = {l: m.to(scores.device) for l, m in resolve_heads(lm, heads).items()}
     dream = DocBias(bias, masks, attentions={} if output_attentions else None)
     out = lm(input_ids=batch.input_ids.gather(1, where), position_ids=where,
@@ -286,6 +294,8 @@ def dream_loss(lm, batch, scores, heads="all", temperature=0.05, reduction="mean
     example = is_target.nonzero()[:, 0]
     per_example = nll.new_zeros(len(targets)).index_add(0, example, nll)
     per_example = per_example / is_target.sum(1)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction={reduction!r}: choose 'mean' or 'none'")
     return per_example.mean() if reduction == "mean" else per_example
 
 
@@ -336,7 +346,7 @@ class Retriever(nn.Module):
     forward = embed
 
     def score(self, queries, docs):
-        """Cosine scores [B, k] of B queries against their k documents each (one encoder call)."""
+        """Cosine scores [B, k] of B queries against their k documents (all documents in one call)."""
         k = len(docs[0])
         d = self.embed([text for ds in docs for text in ds]).view(len(docs), k, -1)
         return torch.einsum("bd,bkd->bk", self.embed(queries), d)
@@ -401,7 +411,12 @@ def _read_sentence_transformers_config(name_or_path):
     if modules and "Normalize" not in kinds:
         warnings.warn(f"{name_or_path} was trained without normalisation; Retriever scores by cosine")
     pool = read(os.path.join(kinds.get("Pooling", "1_Pooling"), "config.json"), {})
-    mode = pool.get("pooling_mode")  # newer sentence-transformers write the mode by name
-    pooling = {"lasttoken": "last"}.get(mode, mode) or next(
-        (m for m, key in POOLING_KEYS.items() if pool.get(key)), None)
+    # newer sentence-transformers name the mode; older ones set one flag per mode
+    modes = pool.get("pooling_mode") or [k[len("pooling_mode_"):] for k, v in pool.items()
+                                         if k.startswith("pooling_mode_") and v is True]
+    modes = [{"lasttoken": "last", "mean_tokens": "mean", "cls_token": "cls"}.get(m, m)
+             for m in ([modes] if isinstance(modes, str) else modes)]
+    if len(modes) > 1 or (modes and modes[0] not in POOLING_KEYS):
+        raise ValueError(f"{name_or_path}: pooling {modes} is not supported; choose one of {list(POOLING_KEYS)}")
+    pooling = modes[0] if modes else None
     return pooling, read("sentence_bert_config.json", {}).get("max_seq_length")

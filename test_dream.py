@@ -658,3 +658,28 @@ def test_retriever_refuses_sentence_transformers_modules_it_cannot_reproduce(tmp
         json.dump(modules, f)
     with pytest.raises(ValueError, match=r"modules \['Dense'\] are not supported"):
         dream.Retriever(saved)
+
+
+def test_pack_starts_with_an_unbiased_bos_token():
+    from transformers import PreTrainedTokenizerFast
+    tok = PreTrainedTokenizerFast(tokenizer_object=TOK.backend_tokenizer, pad_token="[PAD]",
+                                  unk_token="[UNK]", bos_token="Question")  # adds nothing itself
+    batch = dream.pack(tok, *toy_batch())
+    assert (batch.input_ids[:, 0] == tok.bos_token_id).all()
+    assert (batch.spans[:, 0, 0] == 1).all()  # document 1 starts after it, outside every span
+
+
+def test_attention_softcapping_is_refused():
+    lm = dream.prepare_lm(tiny_lm("llama"))
+    q = k = v = torch.randn(1, 4, 3, 8)
+    bias = dream.DocBias(torch.zeros(1, 3, 3), {0: torch.ones(4)})
+    with pytest.raises(NotImplementedError, match="softcapping"):
+        dream.dream_attention(lm.model.layers[0].self_attn, q, k, v, None, dream=bias, softcap=30.0)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    import train
+    cfg = tiny_training_setup(tmp_path)
+    train.train(dataclasses.replace(cfg, steps=3), log=lambda *_: None)
+    with pytest.raises(SystemExit, match="other settings.*'lr': \\(0.001, 0.01\\)"):
+        train.train(dataclasses.replace(cfg, steps=3, lr=1e-2, resume=True), log=lambda *_: None)

@@ -4,7 +4,7 @@ Train a retriever with DREAM.
     python train.py --toy                 a toy world, offline, under two minutes on a laptop CPU
     python train.py --small               SmolLM2-135M frozen, MiniLM trained on SQuAD questions,
                                           SciFact before/after (offline with the model packages)
-    python train.py --small --steps 200 --lr 3e-5 ...   any Config field, as --field value
+    python train.py --small --steps 200 --heads=-10: ...   any Config field, as --field value
     python train.py --small --resume      go on from out_dir/ckpt.pt
 
 The --small run: each SQuAD question's k candidates are its BM25 top-k over the paragraph pool;
@@ -144,14 +144,14 @@ class Config:
     encoder: str = "auto"       # hub name or folder; auto: the offline MiniLM package, else the hub
     train_data: str = ""        # SQuAD-schema JSON/JSONL, {"query","target"} JSONL, or "squad" (hub)
     corpus: str = ""            # passages for {"query","target"} data: a BEIR folder or JSONL
-    eval_data: str = ""         # BEIR folder(s), comma-separated; "" = <data_dir>/scifact, "none" = skip
+    eval_data: str = ""         # BEIR folders or names, comma-separated; "" = <data_dir>/scifact; none
     data_dir: str = os.environ.get("DREAM_DATA", "../shared/data")
     out_dir: str = "out/small"
     heads: str = "all"          # biased heads: "all", a layer slice, or "layer-head,..." pairs
     temperature: float = 0.05
     k: int = 4                  # candidates per question (BM25 top-k)
     max_doc_tokens: int = 96
-    steps: int = 120
+    steps: int = 100
     batch_size: int = 4
     lr: float = 3e-5
     warmup_steps: int = 6
@@ -236,6 +236,9 @@ def load_questions(cfg, log):
     """questions: list of dicts {query, target, group, gold}; passages: list of strings.
     gold is the index of the question's own paragraph when the data has one (monitoring only)."""
     path = cfg.train_data or os.path.join(cfg.data_dir, "squad", "train.jsonl.gz")
+    if not cfg.train_data and not os.path.exists(path):
+        log(f"{path} not found (set --data-dir or DREAM_DATA): using SQuAD from the hub")
+        path = "squad"
     if not os.path.exists(path) and path == "squad":
         rows = load_hub_squad(log)
     else:
@@ -290,12 +293,14 @@ def split_by_group(questions, n_val, seed):
     return train, val[:n_val]
 
 
-def add_candidates(questions, passages, k):
-    """Each question's BM25 top-k over the pool (the retriever then scores just these)."""
+def add_candidates(questions, passages, k, seed):
+    """Each question's BM25 top-k over the pool (the retriever then scores just these), in a
+    random order: BM25's order would tell the position of its favourite."""
     run = bm25_search({f"p{j}": p for j, p in enumerate(passages)},
                       {f"q{i}": q["query"] for i, q in enumerate(questions)}, top_k=k)
     for i, q in enumerate(questions):
         q["candidates"] = [int(pid[1:]) for pid in run[f"q{i}"]]
+        random.Random(seed + i).shuffle(q["candidates"])
         if len(q["candidates"]) < k:
             raise ValueError(f"BM25 found only {len(q['candidates'])} passages for {q['query']!r}; need k={k}")
 
@@ -363,10 +368,16 @@ def train(cfg, log=print):
     dream.resolve_heads(lm, cfg.heads)  # a bad head fails now, not after the data is ready
     questions, passages = load_questions(cfg, log)
     train_qs, val_qs = split_by_group(questions, cfg.val_questions, cfg.seed)
-    add_candidates(train_qs + val_qs, passages, cfg.k)
+    if not val_qs:
+        raise ValueError("no held-out question: the data needs at least two articles (groups) and "
+                         "--val-questions >= 1")
+    add_candidates(train_qs + val_qs, passages, cfg.k, cfg.seed)
     log(f"{len(train_qs):,} training questions, {len(val_qs)} held out; {time.time() - t0:.0f}s to set up")
     eval_folders = [] if cfg.eval_data == "none" else (
         cfg.eval_data.split(",") if cfg.eval_data else [os.path.join(cfg.data_dir, "scifact")])
+    if not cfg.eval_data and not os.path.isdir(eval_folders[0]):
+        log(f"{eval_folders[0]} not found: SciFact will be downloaded (eval.py's cache)")
+        eval_folders = ["scifact"]
 
     opt = torch.optim.AdamW(retriever.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, report = 0, {"config": dataclasses.asdict(cfg)}
@@ -374,6 +385,11 @@ def train(cfg, log=print):
         if not os.path.exists(ckpt_path):
             raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, weights_only=False)
+        changed = {key: (value, getattr(cfg, key)) for key, value in ckpt["report"]["config"].items()
+                   if key != "resume" and value != getattr(cfg, key)}
+        if changed:  # a resumed run must be the run it continues
+            raise SystemExit(f"--resume: {ckpt_path} was written with other settings "
+                             f"(checkpoint, now): {changed}")
         retriever.load_state_dict(ckpt["retriever"])
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
@@ -396,14 +412,15 @@ def train(cfg, log=print):
         scores = retriever.score(q, d)
         loss = dream.dream_loss(lm, dream.pack(tok, q, d, y, max_doc_tokens=cfg.max_doc_tokens),
                                 scores, cfg.heads, cfg.temperature)
-        if not torch.isfinite(loss):
-            kept = f"{ckpt_path} (step {torch.load(ckpt_path, weights_only=False)['step']})" \
-                if os.path.exists(ckpt_path) else "no checkpoint yet"
-            raise SystemExit(f"step {step}: the loss is {loss.item()}; stopped. The last good checkpoint "
-                             f"is intact: {kept}. Try a lower --lr or a higher --temperature.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(retriever.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(retriever.parameters(), cfg.grad_clip)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):  # stop before the weights change
+            kept = f"{ckpt_path} (step {torch.load(ckpt_path, weights_only=False)['step']})" \
+                if os.path.exists(ckpt_path) else "no checkpoint yet"
+            raise SystemExit(f"step {step}: the loss is {loss.item()}, the gradient norm {grad_norm.item()}; "
+                             f"stopped. The last good checkpoint is intact: {kept}. "
+                             "Try a lower --lr or a higher --temperature.")
         opt.step()
         for i, row in zip(idx, scores.argmax(-1).tolist()):  # monitor only: never a training signal
             if train_qs[i]["gold"] is not None:
