@@ -460,7 +460,8 @@ def summary(report, encoder_dir):
     if gold:
         n = max(1, len(gold) // 4)
         first, last = [g for _, g in gold[:n]], [g for _, g in gold[-n:]]
-        lines.append(f"{'train gold top-1 (1st/last quarter)':24} {sum(first) / n:.3f} -> {sum(last) / n:.3f}")
+        lines.append(f"training questions whose top candidate is the gold paragraph, first and last "
+                     f"quarter of the run: {sum(first) / n:.3f} -> {sum(last) / n:.3f}")
     lines.append(f"encoder saved to {encoder_dir} (python eval.py --encoder {encoder_dir} --data ...)")
     return "\n".join(lines)
 
