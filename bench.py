@@ -5,6 +5,10 @@ Speed of DREAM relative to what it is built on, measured in one process (medians
 
 dream_step_vs_lm_forward: one DREAM training step (retriever scores + biased LM forward +
     backward into the retriever) / one plain forward of the same frozen LM on the same tokens.
+encode_vs_sentence_transformers: documents per second of Retriever.encode / those of
+    sentence-transformers' encode, same model, same SciFact documents, same batch size.
+peak_memory_dream_vs_forward: peak extra memory of a DREAM step / of a plain forward, each
+    measured in a fresh process (GPU allocator peak on CUDA, sampled resident memory on a CPU).
 biased_attention_vs_sdpa: the hand-written biased attention of one layer / SDPA, same shapes.
 
 Models: SmolLM2-135M-Instruct and all-MiniLM-L6-v2 from their offline PyPI packages
@@ -17,12 +21,18 @@ import importlib.util
 import json
 import os
 import statistics
+import subprocess
+import sys
+import threading
 import time
+
+import psutil
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import dream
+from train import load_lm
 
 
 def timed(fn, repeats):
@@ -56,6 +66,28 @@ def documents(n, data_dir):
     return [" ".join(words[(i + j) % len(words)] for j in range(100)) for i in range(n)]
 
 
+def peak_memory(fn):
+    """Bytes above the current level at the peak of one call of fn."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return torch.cuda.max_memory_allocated() - base
+    process, done = psutil.Process(), threading.Event()
+    base = peak = process.memory_info().rss
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            time.sleep(0.001)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    fn()
+    done.set()
+    sampler.join()
+    return peak - base
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
@@ -64,12 +96,13 @@ def main():
     parser.add_argument("--k", type=int, default=4, help="documents per query")
     parser.add_argument("--heads", default="all", help="biased heads: all, a layer slice like --heads=-10:, or l-h pairs")
     parser.add_argument("--data-dir", default=os.environ.get("DREAM_DATA", "../shared/data"))
+    parser.add_argument("--memory-of", choices=["forward", "step"], help=argparse.SUPPRESS)  # child run
     args = parser.parse_args()
     say = (lambda *a: None) if args.json else print
     torch.manual_seed(0)
 
     gguf, minilm = offline_models()
-    lm, tok = dream.load_frozen_lm(gguf)
+    lm, tok = load_lm(gguf, log=say)
     retriever = dream.Retriever(minilm)
     B, k = args.batch_size, args.k
     docs = documents(B * k, args.data_dir)
@@ -88,6 +121,9 @@ def main():
         scores = retriever.score(queries, docs)
         dream.dream_loss(lm, batch, scores, heads=args.heads).backward()
 
+    if args.memory_of:  # a fresh process measures one of the two, so neither inherits the other's heap
+        print(peak_memory(plain_forward if args.memory_of == "forward" else dream_step))
+        return
     t_plain, t_step = timed(plain_forward, args.repeats), timed(dream_step, args.repeats)
     say(f"plain LM forward {t_plain * 1e3:.0f} ms, DREAM step {t_step * 1e3:.0f} ms")
 
@@ -102,7 +138,25 @@ def main():
     t_sdpa = timed(lambda: sdpa_attention_forward(attn, q, kk, v, None, scaling=D ** -0.5), args.repeats)
     say(f"one layer's attention: hand-written + bias {t_hand * 1e3:.1f} ms, SDPA {t_sdpa * 1e3:.1f} ms")
 
+    # encoding: Retriever.encode vs sentence-transformers, the same documents
+    from sentence_transformers import SentenceTransformer
+    st = SentenceTransformer(minilm, device=str(retriever.model.device))
+    corpus = documents(512, args.data_dir)
+    t_ours = timed(lambda: retriever.encode(corpus, batch_size=64), max(1, args.repeats // 2))
+    t_st = timed(lambda: st.encode(corpus, batch_size=64), max(1, args.repeats // 2))
+    say(f"encoding {len(corpus)} documents: Retriever {len(corpus) / t_ours:.0f}/s, "
+        f"sentence-transformers {len(corpus) / t_st:.0f}/s")
+
+    child = [sys.executable, __file__, "--batch-size", str(B), "--k", str(k), f"--heads={args.heads}",
+             "--data-dir", args.data_dir, "--memory-of"]
+    memory = {which: int(subprocess.run(child + [which], capture_output=True, text=True, check=True)
+                         .stdout.split()[-1]) for which in ("forward", "step")}
+    say(f"peak extra memory: plain forward {memory['forward'] / 2**20:.0f} MiB, "
+        f"DREAM step {memory['step'] / 2**20:.0f} MiB")
+
     result = {"dream_step_vs_lm_forward": round(t_step / t_plain, 3),
+              "encode_vs_sentence_transformers": round(t_st / t_ours, 3),
+              "peak_memory_dream_vs_forward": round(memory["step"] / memory["forward"], 3),
               "biased_attention_vs_sdpa": round(t_hand / t_sdpa, 3)}
     print(json.dumps(result))
 
