@@ -683,3 +683,23 @@ def test_resume_refuses_other_settings(tmp_path):
     train.train(dataclasses.replace(cfg, steps=3), log=lambda *_: None)
     with pytest.raises(SystemExit, match="other settings.*'lr': \\(0.001, 0.01\\)"):
         train.train(dataclasses.replace(cfg, steps=3, lr=1e-2, resume=True), log=lambda *_: None)
+
+
+def test_no_grad_below_the_first_biased_layer_and_lm_head_only_at_targets():
+    lm = dream.prepare_lm(tiny_lm("llama"))
+    batch = dream.pack(TOK, *toy_batch())
+    seen = []
+    hooks = [layer.register_forward_hook(lambda m, i, out, n=n: seen.append((n, out[0].requires_grad if
+                                         isinstance(out, tuple) else out.requires_grad)))
+             for n, layer in enumerate(lm.model.layers)]
+    head_rows = []
+    hooks.append(lm.lm_head.register_forward_hook(lambda m, i, out: head_rows.append(i[0].shape[-2])))
+    scores = torch.zeros(3, 3, requires_grad=True)
+    dream.dream_loss(lm, batch, scores, heads="1:").backward()
+    for hook in hooks:
+        hook.remove()
+    # the document prefix, then the suffix: only layer 1 of the suffix pass is in the graph
+    assert seen == [(0, False), (1, False), (0, False), (1, True)]
+    n_targets = int((batch.labels != -100).sum())
+    assert head_rows[-1] == n_targets  # the LM head sees the target-predicting positions only
+    assert scores.grad is not None and scores.grad.abs().sum() > 0
