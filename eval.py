@@ -72,14 +72,19 @@ def read_lines(path):
                 yield n, line
 
 
-def read_jsonl(path):
-    """{_id: object} from a JSON-lines file; a bad line is reported by file and line number."""
-    rows = {}
+def read_json_lines(path):
+    """(line number, object) for each line of a JSON-lines file; a bad line names file and line."""
     for n, line in read_lines(path):
         try:
-            row = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}, line {n}: malformed JSON ({e.msg})") from None
+
+
+def read_jsonl(path):
+    """{_id: object} from a JSON-lines file of BEIR records."""
+    rows = {}
+    for n, row in read_json_lines(path):
         if not isinstance(row, dict) or "_id" not in row:
             raise ValueError(f"{path}, line {n}: expected a JSON object with an \"_id\"")
         rows[str(row["_id"])] = row

@@ -36,7 +36,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import dream
-from eval import bm25_search, dense_search, evaluate, find_file, ids_and_texts, load_beir, read_jsonl, read_lines
+from eval import (bm25_search, dense_search, evaluate, find_file, ids_and_texts, load_beir, read_json_lines,
+                  read_jsonl)
 
 # -----------------------------------------------------------------------------
 # the toy world
@@ -213,13 +214,7 @@ def read_json_rows(path):
         raise FileNotFoundError(f"{path} not found: --train-data takes a SQuAD-schema JSON/JSONL file "
                                 "(id, title, context, question, answers) or a JSONL of {\"query\", \"target\"}")
     if ".jsonl" in path:
-        rows = []
-        for n, line in read_lines(path):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {n}: malformed JSON ({e.msg})") from None
-        return rows
+        return [row for _, row in read_json_lines(path)]
     with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
         try:
             data = json.load(f)
