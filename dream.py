@@ -34,9 +34,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AttentionInterface, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AttentionInterface, AutoModel, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import cached_file
 
 # -----------------------------------------------------------------------------
@@ -50,6 +51,7 @@ class DocBias:
     heads: dict          # layer index -> [H] float mask, 1.0 for a biased head
     reached: int = 0     # how many biased layers saw it (a model that drops kwargs is caught)
     attentions: dict = None  # layer -> [B, H, T, S] probabilities, when asked for
+    reference: bool = False  # compute by hand even where torch's SDPA kernel gives the same result
 
 
 def dream_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -65,27 +67,38 @@ def dream_attention(module, query, key, value, attention_mask, scaling=None, dro
         raise NotImplementedError(f"{type(module).__name__} uses attention softcapping or sinks, which "
                                   "the score-biased attention does not implement")
     dream.reached += 1
-    # grouped-query attention: each key/value head serves H / H_kv query heads
-    key = repeat_kv(key, query.shape[1] // key.shape[1])
-    value = repeat_kv(value, query.shape[1] // value.shape[1])
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    # at least fp32 from here: in bf16 a bias of 0.05 would be lost on a logit of 10
-    dtype = torch.promote_types(query.dtype, torch.float32)
-    logits = (query.to(dtype) @ key.to(dtype).transpose(-1, -2)) * scaling   # [B, H, T, S]
-    T, S = logits.shape[-2:]
+    T, S = query.shape[-2], key.shape[-2]
     if attention_mask is None:  # transformers omits the mask when plain causal is enough
-        attention_mask = torch.ones(T, S, dtype=torch.bool, device=logits.device).tril(S - T)
-    if attention_mask.dtype == torch.bool:  # finite fill: a fully masked row must not give NaN
-        logits = logits.masked_fill(~attention_mask, torch.finfo(logits.dtype).min)
-    else:
-        logits = logits + attention_mask
-    # the DREAM bias, in the selected heads only
-    bias = heads.to(logits)[:, None, None] * dream.bias[:, None].to(logits)  # .to: dtype and device
-    probs = (logits + bias).softmax(dim=-1).to(query.dtype)
-    probs = F.dropout(probs, p=dropout, training=module.training)
-    if dream.attentions is not None:
-        dream.attentions[module.layer_idx] = probs
-    out = probs @ value                                                # [B, H, T, D]
+        attention_mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)
+    # the DREAM bias, in the selected heads only: [B, 1, T, S] when every head is biased
+    bias = dream.bias[:, None] if heads.all() else heads.to(dream.bias)[:, None, None] * dream.bias[:, None]
+    if not dream.reference and dream.attentions is None:
+        # the same sum as below, inside torch's fused kernel: mask and bias as one float mask
+        # (the kernel adds it to the logits in fp32 and keeps no [T, S] probabilities for backward)
+        mask = (torch.where(attention_mask, bias, torch.finfo(query.dtype).min)
+                if attention_mask.dtype == torch.bool else attention_mask + bias)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.dtype),
+                                             dropout_p=dropout if module.training else 0.0,
+                                             scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+    # the reference, by hand. at least fp32 from here, autocast off: in bf16 a bias of 0.05
+    # would be lost on a logit of 10
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    with torch.autocast(query.device.type, enabled=False):
+        # grouped-query attention: each key/value head serves H / H_kv query heads
+        key = repeat_kv(key, query.shape[1] // key.shape[1]).to(dtype)
+        value = repeat_kv(value, query.shape[1] // value.shape[1])
+        logits = (query.to(dtype) @ key.transpose(-1, -2)) * scaling                  # [B, H, T, S]
+        if attention_mask.dtype == torch.bool:  # finite fill: a fully masked row must not give NaN
+            logits = logits.masked_fill(~attention_mask, torch.finfo(dtype).min)
+        else:
+            logits = logits + attention_mask
+        probs = (logits + bias.to(dtype)).softmax(dim=-1).to(value.dtype)
+        probs = F.dropout(probs, p=dropout, training=module.training)
+        if dream.attentions is not None:
+            dream.attentions[module.layer_idx] = probs
+        out = probs @ value                                                            # [B, H, T, D]
     return out.transpose(1, 2).contiguous(), probs
 
 
@@ -131,8 +144,11 @@ def resolve_heads(lm, heads="all"):
 # 2. the frozen LM
 
 
-def prepare_lm(lm):
-    """Freeze a causal LM in place and switch it to score-biased attention."""
+def prepare_lm(lm, gradient_checkpointing=False):
+    """Freeze a causal LM in place and switch it to score-biased attention.
+
+    gradient_checkpointing: keep only each layer's input for the backward and recompute the rest
+    there (less memory, one more forward of the query and target tokens)."""
     attn = [m for m in lm.modules() if hasattr(m, "layer_idx") and hasattr(m, "is_causal")]
     if (getattr(lm.config, "is_encoder_decoder", False) or lm.get_output_embeddings() is None
             or not attn or not all(m.is_causal for m in attn)):
@@ -140,10 +156,19 @@ def prepare_lm(lm):
                          "with causal self-attention and an LM head (AutoModelForCausalLM)")
     lm.requires_grad_(False).eval()
     lm.set_attn_implementation("dream")
+    if gradient_checkpointing:
+        lm.activation_checkpointing_enable({"use_reentrant": False})
+        for layer in lm.modules():
+            if isinstance(layer, GradientCheckpointingLayer):
+                # transformers checkpoints only layers in training mode, and drops the cache unless
+                # told a replay reads it alone, which PrefixCache makes true. the flag is set on the
+                # layer itself, not its children, so dropout stays off
+                layer.training, layer._can_checkpoint_with_cache = True, True
     return lm
 
 
-def load_frozen_lm(name_or_path, gguf_file=None, dtype=torch.float32, device=None):
+def load_frozen_lm(name_or_path, gguf_file=None, dtype=torch.float32, device=None,
+                   gradient_checkpointing=False):
     """A frozen causal LM with score-biased attention, and its tokenizer.
 
     name_or_path: a hub name, a local folder, or a .gguf file (or pass gguf_file= with its folder)."""
@@ -154,7 +179,7 @@ def load_frozen_lm(name_or_path, gguf_file=None, dtype=torch.float32, device=Non
     lm = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **extra)
     if tok.pad_token is None:  # padding is masked out, any token will do
         tok.pad_token = tok.eos_token or tok.unk_token or tok.convert_ids_to_tokens(0)
-    return prepare_lm(lm.to(device) if device else lm), tok
+    return prepare_lm(lm.to(device) if device else lm, gradient_checkpointing), tok
 
 
 # -----------------------------------------------------------------------------
@@ -179,7 +204,8 @@ class Batch:
 def pack(tok, queries, docs, targets, max_doc_tokens=128):
     """One LM batch from B queries, B lists of k documents and B targets.
 
-    Each document is cut to max_doc_tokens tokens. Padding goes on the right, so a padded
+    A document is a string or its token ids (tokenized once, outside a training loop), cut to
+    max_doc_tokens tokens. Padding goes on the right, so a padded
     example is computed exactly as it would be alone."""
     if not (len(queries) == len(docs) == len(targets)):
         raise ValueError(f"pack: got {len(queries)} queries, {len(docs)} document lists and "
@@ -200,10 +226,10 @@ def pack(tok, queries, docs, targets, max_doc_tokens=128):
                              "every query needs the same number of candidates")
         ids, example_spans = list(start), []
         for i, d in enumerate(ds):
-            d_ids = encode(d)[:max_doc_tokens]
+            d_ids = (encode(d) if isinstance(d, str) else list(d))[:max_doc_tokens]
             if not d_ids:
                 raise ValueError(f"pack: document {i} of example {b} has no tokens "
-                                 f"(text {d[:40]!r}, max_doc_tokens={max_doc_tokens})")
+                                 f"({d[:40]!r}, max_doc_tokens={max_doc_tokens})")
             example_spans.append((len(ids), len(ids) + len(d_ids) + len(sep)))
             ids += d_ids + sep
         ids += encode(QUERY_FORMAT.format(q))
@@ -234,12 +260,27 @@ def doc_bias(scores, temperature):
     return F.log_softmax(scores / temperature, dim=-1) + math.log(scores.shape[-1])
 
 
-def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_attentions=False):
+class PrefixCache(DynamicCache):
+    """The documents' keys and values. Once frozen, update() returns them with the new ones
+    without storing anything, so the suffix pass can be replayed (gradient checkpointing)."""
+    frozen = False
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if not self.frozen:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
+
+
+def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_attentions=False,
+                   reference=False):
     """Run the LM with the score bias; return its output with logits only where a target token
     is predicted (a flat [N, V] tensor, row order = batch order), not over the documents.
     output_attentions: out.attentions = {layer: [B, H, N, P + N] probabilities} of the biased
     layers; rows: the N suffix positions (query and target); columns: the P prefix positions
-    (the documents; a shorter example's own suffix there is masked out), then the N suffix ones."""
+    (the documents; a shorter example's own suffix there is masked out), then the N suffix ones.
+    reference: biased layers use the hand-written attention instead of torch's SDPA kernel with
+    the bias as its float mask (the same numbers, slower; output_attentions implies it)."""
     if lm.config._attn_implementation != "dream":
         raise ValueError("this LM has no score-biased attention: load it with load_frozen_lm() "
                          "or call prepare_lm(lm) first")
@@ -253,9 +294,11 @@ def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_atte
     docs_end, length = batch.spans[:, -1, 1], batch.attention_mask.sum(1)        # [B]
     P, N = int(docs_end.max()), int((length - docs_end).max())  # prefix and suffix lengths
     prefix_mask = torch.arange(P, device=docs_end.device) < docs_end[:, None]     # [B, P]
+    cache = PrefixCache()
     with torch.no_grad():
-        cache = lm(input_ids=batch.input_ids[:, :P], attention_mask=prefix_mask.long(),
-                   use_cache=True, logits_to_keep=1).cache
+        lm(input_ids=batch.input_ids[:, :P], attention_mask=prefix_mask.long(), cache=cache,
+           use_cache=True, logits_to_keep=1)
+    cache.frozen = True
     where = docs_end[:, None] + torch.arange(N, device=docs_end.device)           # [B, N] positions
     suffix_mask = where < length[:, None]
     where = where.clamp(max=batch.input_ids.shape[1] - 1)
@@ -267,11 +310,11 @@ def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_atte
     in_doc = (pos >= batch.spans[..., 0:1]) & (pos < batch.spans[..., 1:2])      # [B, k, P + N]
     column = torch.where(in_doc, doc_bias(scores, temperature)[..., None], 0.0).sum(1)
     bias = column[:, None, :].expand(B, N, P + N)                                # [B, N, P + N]
-    masks = {l: m.to(scores.device) for l, m in resolve_heads(lm, heads).items()}
-    dream = DocBias(bias, masks, attentions={} if output_attentions else None)
+    masks = resolve_heads(lm, heads)  # on the CPU: a layer asks whether all its heads are biased
+    dream = DocBias(bias, masks, attentions={} if output_attentions else None, reference=reference)
     out = lm(input_ids=batch.input_ids.gather(1, where), position_ids=where,
              attention_mask=torch.cat([prefix_mask, suffix_mask], 1).long(), cache=cache,
-             use_cache=True, dream=dream, logits_to_keep=predicts_target)
+             use_cache=False, dream=dream, logits_to_keep=predicts_target)  # read, not extended
     if dream.reached < len(masks):
         raise RuntimeError(f"{type(lm).__name__} did not pass the bias to its attention layers "
                            f"({dream.reached} of {len(masks)} reached): it does not forward "
@@ -281,14 +324,14 @@ def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_atte
     return out
 
 
-def dream_loss(lm, batch, scores, heads="all", temperature=0.05, reduction="mean"):
+def dream_loss(lm, batch, scores, heads="all", temperature=0.05, reduction="mean", reference=False):
     """Next-token cross-entropy on the targets, with the attention biased by the scores [B, k].
 
     reduction="mean": the mean over examples of each example's mean over its target tokens;
-    "none": that per-example loss, shape [B]."""
+    "none": that per-example loss, shape [B]. reference: see biased_forward."""
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction={reduction!r}: choose 'mean' or 'none'")
-    logits = biased_forward(lm, batch, scores, heads, temperature).logits
+    logits = biased_forward(lm, batch, scores, heads, temperature, reference=reference).logits
     targets = batch.labels[:, 1:]
     is_target = targets != -100
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -310,11 +353,27 @@ class Retriever(nn.Module):
     """A bi-encoder on any HF encoder or decoder: pooled, L2-normalised embeddings.
 
     pooling: "mean" over tokens, "cls" (first token), or "last" (last non-pad token, for decoder
-    embedders). None reads it from a sentence-transformers folder, else "mean"."""
+    embedders). None reads it from a sentence-transformers folder, else "mean".
+    lora: train low-rank adapters (peft) of this rank on every linear layer instead of all the
+    weights, as for 0.5B-3B decoder retrievers; or a peft.LoraConfig. A folder saved with LoRA
+    holds the adapter alone and loads back with it, trainable."""
 
-    def __init__(self, name_or_path, pooling=None, max_length=None):
+    def __init__(self, name_or_path, pooling=None, max_length=None, lora=None):
         super().__init__()
-        self.model = AutoModel.from_pretrained(name_or_path)
+        adapter = _read_json(name_or_path, "adapter_config.json")
+        if adapter or lora:
+            import peft  # only LoRA needs it
+        if adapter:  # a saved LoRA retriever: its base model, then the adapter on top
+            base = AutoModel.from_pretrained(adapter["base_model_name_or_path"])
+            self.model = peft.PeftModel.from_pretrained(base, name_or_path, is_trainable=True)
+        else:
+            self.model = AutoModel.from_pretrained(name_or_path)
+        if lora:
+            if adapter:
+                raise ValueError(f"{name_or_path} already holds a LoRA adapter; load it without lora=")
+            config = lora if isinstance(lora, peft.LoraConfig) else peft.LoraConfig(
+                r=int(lora), lora_alpha=2 * int(lora), target_modules="all-linear")
+            self.model = peft.get_peft_model(self.model, config)
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -331,9 +390,12 @@ class Retriever(nn.Module):
 
     def embed(self, texts):
         """[N, d] unit vectors, with grad: the training path."""
-        inputs = self.tokenize(texts).to(self.model.device)
-        hidden = self.model(**inputs).last_hidden_state                     # [N, T, d]
-        mask = inputs["attention_mask"]
+        inputs = self.tokenize(texts)
+        return self.pool(self.model(**inputs.to(self.device)).last_hidden_state, inputs["attention_mask"])
+
+    def pool(self, hidden, mask):
+        """[N, T, d] hidden states, [N, T] attention mask -> [N, d] unit vectors."""
+        mask = mask.to(hidden.device)
         if self.pooling == "mean":
             pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         elif self.pooling == "cls":
@@ -341,35 +403,47 @@ class Retriever(nn.Module):
         else:  # last real token, whichever side the padding is on
             last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
             pooled = hidden[torch.arange(len(hidden)), last]
-        return F.normalize(pooled, dim=-1)
+        return F.normalize(pooled.float(), dim=-1)
 
-    forward = embed
+    @property
+    def device(self):
+        return next(self.parameters()).device
 
-    def score(self, queries, docs):
-        """Cosine scores [B, k] of B queries against their k documents (all documents in one call)."""
+    def forward(self, queries, docs=None):
+        """embed(queries); with docs (B lists of k), the cosine scores [B, k], every text in one
+        call (one forward for DistributedDataParallel to wrap)."""
+        if docs is None:
+            return self.embed(queries)
         k = len(docs[0])
-        d = self.embed([text for ds in docs for text in ds]).view(len(docs), k, -1)
-        return torch.einsum("bd,bkd->bk", self.embed(queries), d)
+        e = self.embed(list(queries) + [text for ds in docs for text in ds])
+        q, d = e[:len(queries)], e[len(queries):].view(len(queries), k, -1)
+        return torch.einsum("bd,bkd->bk", q, d)
+
+    score = forward
 
     @torch.no_grad()
     def encode(self, texts, batch_size=64, progress=False):
-        """[N, d] float32 CPU embeddings without grad, batched by similar length."""
-        texts = list(texts)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-        out = torch.empty(len(texts), self.model.config.hidden_size)
+        """[N, d] float32 CPU embeddings without grad. All texts are tokenized in one call, then
+        batched by token count, so a batch holds texts of about one length (little padding)."""
+        tokens = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        order = sorted(range(len(tokens["input_ids"])), key=lambda i: len(tokens["input_ids"][i]), reverse=True)
+        out = torch.empty(len(order), self.model.get_input_embeddings().embedding_dim)
         was_training = self.training
         self.eval()
-        for i in tqdm(range(0, len(texts), batch_size), desc="encoding", disable=not progress):
+        for i in tqdm(range(0, len(order), batch_size), desc="encoding", disable=not progress):
             idx = order[i:i + batch_size]
-            out[idx] = self.embed([texts[j] for j in idx]).float().cpu()
+            inputs = self.tokenizer.pad({key: [value[j] for j in idx] for key, value in tokens.items()},
+                                        return_tensors="pt").to(self.device)
+            out[idx] = self.pool(self.model(**inputs).last_hidden_state, inputs["attention_mask"]).cpu()
         self.train(was_training)
         return out
 
     def save(self, path):
-        """A folder that Retriever.load and sentence_transformers.SentenceTransformer both read."""
+        """A folder that Retriever.load and sentence_transformers.SentenceTransformer both read.
+        With LoRA: the adapter alone, and the name of its base model."""
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-        dim = self.model.config.hidden_size
+        dim = self.model.get_input_embeddings().embedding_dim
         pooling = {"word_embedding_dimension": dim, "pooling_mode_max_tokens": False,
                    "pooling_mode_mean_sqrt_len_tokens": False}
         pooling.update({key: mode == self.pooling for mode, key in POOLING_KEYS.items()})
@@ -391,17 +465,21 @@ class Retriever(nn.Module):
         return cls(path, **kwargs)
 
 
+def _read_json(name_or_path, name, default=None):
+    """A JSON file of a local folder or hub repo, else default."""
+    try:
+        path = cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        path = None
+    if path is None:
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
 def _read_sentence_transformers_config(name_or_path):
     """(pooling, max_length) from a sentence-transformers folder or hub repo, else (None, None)."""
-    def read(name, default=None):
-        try:
-            path = cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False)
-        except OSError:
-            path = None
-        if path is None:
-            return default
-        with open(path) as f:
-            return json.load(f)
+    read = lambda name, default=None: _read_json(name_or_path, name, default)
     modules = read("modules.json", [])
     kinds = {m["type"].rsplit(".", 1)[-1]: m["path"] for m in modules}
     unknown = set(kinds) - {"Transformer", "Pooling", "Normalize"}

@@ -3,6 +3,10 @@ Evaluate a retriever on BEIR datasets: exact dense search, optional BM25, BEIR's
 
     python eval.py --encoder NAME_OR_DIR --data DIR_OR_NAME [--data ...] [--split test]
                    [--out results.json] [--save-run run.tsv] [--bm25] [--batch-size 64]
+    torchrun --standalone --nproc_per_node=2 eval.py --encoder ... --data ...
+
+Under torchrun each process encodes one slice of the corpus (and of the queries) and they share
+the embeddings: the scores are one process's (up to rounding); only rank 0 prints and writes files.
 
 --encoder  a hub name or a local folder (e.g. one written by dream.Retriever.save).
 --data     a folder in BEIR layout (below), or a bare BEIR name such as scifact or nfcorpus,
@@ -21,13 +25,15 @@ as trec_eval orders them (by document id, descending). Document text is title + 
 
 From Python (e.g. the trainer):
 
-    from eval import load_beir, dense_search, bm25_search, evaluate
+    from eval import load_beir, dense_search, bm25_search, evaluate, init_distributed
     corpus, queries, qrels = load_beir("../shared/data/scifact")
     print(evaluate(qrels, dense_search(retriever, corpus, queries)))
     bm25_search(list_of_passages, list_of_questions, top_k=20)  # {question i: {passage j: score}}
 """
 import argparse
+import contextlib
 import gzip
+import io
 import json
 import math
 import os
@@ -40,6 +46,7 @@ import zipfile
 
 import bm25s
 import torch
+import torch.distributed as dist
 
 from dream import Retriever
 
@@ -164,6 +171,49 @@ def load_beir(path_or_name, split="test"):
 
 
 # -----------------------------------------------------------------------------
+# several processes (torchrun)
+
+
+def init_distributed():
+    """(rank, world size, device); under torchrun, joins the process group (nccl on GPUs, else gloo)."""
+    cuda = torch.cuda.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, "cuda" if cuda else "cpu"
+    device = "cpu"
+    if cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are "
+                               "visible: run one process per GPU (--nproc_per_node)")
+        torch.cuda.set_device(local_rank)  # before the group forms, so nccl uses this GPU
+        device = f"cuda:{local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def encode(retriever, texts, batch_size=64, progress=False):
+    """retriever.encode(texts): [N, d] float32 on the CPU. In a process group every rank encodes one
+    contiguous slice, and every rank gets all N rows back, in order."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    texts = list(texts)
+    if world == 1 or len(texts) < world:  # too few texts to give each rank one
+        return retriever.encode(texts, batch_size=batch_size, progress=progress)
+    rank = dist.get_rank()
+    bounds = [r * len(texts) // world for r in range(world + 1)]  # slices differ by at most one text
+    mine = retriever.encode(texts[bounds[rank]:bounds[rank + 1]], batch_size=batch_size,
+                            progress=progress and rank == 0)
+    # all_gather wants equal shapes: pad every slice to the longest, trim after
+    longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    padded = torch.zeros(longest, mine.shape[1], dtype=mine.dtype, device=device)
+    padded[:len(mine)] = mine
+    slices = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(slices, padded)
+    return torch.cat([s[:b - a] for s, a, b in zip(slices, bounds, bounds[1:])]).cpu()
+
+
+# -----------------------------------------------------------------------------
 # search: both return a run {qid: {doc id: score}}, best first
 
 
@@ -208,11 +258,12 @@ def top_k_search(q, d, k, query_block=256, doc_block=8192):
 def dense_search(retriever, corpus, queries, top_k=100, batch_size=64, progress=True):
     """Exact cosine search with a dream.Retriever (anything with .encode(texts, batch_size, progress)).
     corpus: {doc id: {"title", "text"}} or a list of strings; queries: {qid: text} or a list
-    (with lists the ids are positions). Given ids, a document named like its query is dropped."""
+    (with lists the ids are positions). Given ids, a document named like its query is dropped.
+    In a process group (init_distributed) the ranks share the encoding and all return the run."""
     doc_ids, doc_texts = ids_and_texts(corpus)
     qids, query_texts = ids_and_texts(queries)
-    d = retriever.encode(doc_texts, batch_size=batch_size, progress=progress)
-    q = retriever.encode(query_texts, batch_size=batch_size, progress=progress)
+    d = encode(retriever, doc_texts, batch_size=batch_size, progress=progress)
+    q = encode(retriever, query_texts, batch_size=batch_size, progress=progress)
     scores, indices = top_k_search(q, d, top_k + 1)
     return to_run(qids, doc_ids, scores, indices, top_k, drop_self=isinstance(queries, dict))
 
@@ -306,26 +357,37 @@ def main():
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
 
-    try:  # find or download every dataset before the encoder loads
+    rank, world, device = init_distributed()
+    master = rank == 0  # the one process that talks and writes files
+    log = lambda message: print(message, file=sys.stderr) if master else None
+    # the other ranks' loading bars and warnings would repeat rank 0's (exceptions still show)
+    quiet = contextlib.nullcontext if master else lambda: contextlib.redirect_stderr(io.StringIO())
+    try:  # find or download every dataset before the encoder loads; rank 0 downloads, then the rest
+        if not master:
+            dist.barrier()
         folders = [beir_folder(data) for data in args.data]
+        if master and world > 1:
+            dist.barrier()
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
-    retriever = Retriever(args.encoder)
-    if torch.cuda.is_available():
-        retriever.cuda()
+    with quiet():
+        retriever = Retriever(args.encoder).to(device)
     tag = os.path.basename(os.path.normpath(args.encoder))
     several_runs = len(args.data) * (1 + args.bm25) > 1
     results, names = {}, []
     for data, folder in zip(args.data, folders):
         name = os.path.basename(os.path.normpath(data))
         try:
-            corpus, queries, qrels = load_beir(folder, args.split)
+            with quiet():
+                corpus, queries, qrels = load_beir(folder, args.split)
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
-        print(f"{name}: {len(corpus)} documents, {len(queries)} {args.split} queries", file=sys.stderr)
+        log(f"{name}: {len(corpus)} documents, {len(queries)} {args.split} queries")
         t0 = time.time()
         runs = {name: dense_search(retriever, corpus, queries, batch_size=args.batch_size)}
-        print(f"{name}: encoded and searched in {time.time() - t0:.1f}s", file=sys.stderr)
+        log(f"{name}: encoded and searched in {time.time() - t0:.1f}s")
+        if not master:
+            continue  # the encoding was shared; the rest is rank 0's
         if args.bm25:
             runs[f"{name}/bm25"] = bm25_search(corpus, queries, progress=True)
         for key, run in runs.items():
@@ -334,10 +396,13 @@ def main():
                 run_tag = "bm25" if key.endswith("/bm25") else tag
                 save_run(run, run_file(args.save_run, key, several_runs), run_tag)
         names.append(name)
-    print_table(results, names, args.bm25)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+    if master:
+        print_table(results, names, args.bm25)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+    if world > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -703,3 +703,175 @@ def test_no_grad_below_the_first_biased_layer_and_lm_head_only_at_targets():
     n_targets = int((batch.labels != -100).sum())
     assert head_rows[-1] == n_targets  # the LM head sees the target-predicting positions only
     assert scores.grad is not None and scores.grad.abs().sum() > 0
+
+
+# -----------------------------------------------------------------------------
+# speed paths give the reference's numbers: SDPA with the bias as a float mask, gradient
+# checkpointing, pre-tokenized documents, bf16 autocast
+
+
+def loss_and_grad(lm, batch, heads, **kwargs):
+    scores = torch.tensor([[0.9, -0.2, 0.4], [0.1, 0.5, -0.7], [0.3, 0.3, 1.0]], requires_grad=True)
+    loss = dream.dream_loss(lm, batch, scores, heads=heads, temperature=0.3, **kwargs)
+    loss.backward()
+    return loss.item(), scores.grad
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("heads", ["all", "1-2,0-1"])
+def test_sdpa_float_mask_path_equals_the_hand_written_reference(kind, heads):
+    lm = dream.prepare_lm(tiny_lm(kind))
+    batch = dream.pack(TOK, *toy_batch())  # padded
+    fast, grad_fast = loss_and_grad(lm, batch, heads)
+    ref, grad_ref = loss_and_grad(lm, batch, heads, reference=True)
+    assert grad_ref.abs().max() > 1e-3  # the comparison below is not vacuous
+    assert abs(fast - ref) <= 1e-5 and (grad_fast - grad_ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_gradient_checkpointing_replays_the_suffix_and_changes_nothing(kind):
+    batch = dream.pack(TOK, *toy_batch())
+    results = []
+    for checkpointing in (False, True):
+        lm = dream.prepare_lm(tiny_lm(kind), gradient_checkpointing=checkpointing)
+        first_op = lm.transformer.h[-1].ln_1 if kind == "gpt2" else lm.model.layers[-1].input_layernorm
+        calls = []  # a pre-hook: a replay may stop early, once it has what the backward needs
+        hook = first_op.register_forward_pre_hook(lambda *_: calls.append(1))
+        results.append((*loss_and_grad(lm, batch, "all"), len(calls)))
+        hook.remove()
+    (plain, grad_plain, calls_plain), (ckpt, grad_ckpt, calls_ckpt) = results
+    assert (calls_plain, calls_ckpt) == (2, 3)  # prefix, suffix, and the suffix again in backward
+    assert abs(plain - ckpt) <= 1e-6 and (grad_plain - grad_ckpt).abs().max() <= 1e-6
+
+
+def test_pack_takes_pre_tokenized_documents():
+    queries, docs, targets = toy_batch()
+    ids = [[TOK(d, add_special_tokens=False)["input_ids"] for d in ds] for ds in docs]
+    a, b = dream.pack(TOK, queries, docs, targets, max_doc_tokens=2), dream.pack(TOK, queries, ids, targets, max_doc_tokens=2)
+    assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("input_ids", "attention_mask", "labels", "spans"))
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_bf16_autocast_stays_close_to_fp32(reference):
+    lm = dream.prepare_lm(tiny_lm("llama"))
+    batch = dream.pack(TOK, *toy_batch())
+    loss, grad = loss_and_grad(lm, batch, "all", reference=reference)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_bf16, grad_bf16 = loss_and_grad(lm, batch, "all", reference=reference)
+    assert loss_bf16 != loss  # autocast did run in bf16
+    assert abs(loss_bf16 - loss) <= 2e-2 * abs(loss)
+    assert torch.cosine_similarity(grad.flatten(), grad_bf16.flatten(), dim=0) > 0.99
+
+
+def test_retriever_scores_queries_and_documents_in_one_call(tmp_path):
+    retriever = dream.Retriever(tiny_encoder_folder(tmp_path))
+    queries, docs, _ = toy_batch()
+    calls = []
+    hook = retriever.model.register_forward_hook(lambda *_: calls.append(1))
+    scores = retriever.score(queries, docs)
+    hook.remove()
+    want = torch.stack([retriever.embed(ds) @ retriever.embed([q])[0] for q, ds in zip(queries, docs)])
+    assert calls == [1] and (scores - want).abs().max() <= 1e-5
+
+
+# -----------------------------------------------------------------------------
+# LoRA: a decoder retriever trains adapters only, and saves and reloads them
+
+
+def test_lora_decoder_retriever_trains_adapters_and_reloads(tmp_path):
+    from sentence_transformers import SentenceTransformer
+    retriever = dream.Retriever(tiny_encoder_folder(tmp_path, decoder=True), pooling="last", lora=4)
+    trainable = {n for n, p in retriever.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    before = retriever.encode(TEXTS)
+    lm = dream.prepare_lm(tiny_lm("llama"))
+    queries, docs, targets = toy_batch()
+    opt = torch.optim.AdamW([p for p in retriever.parameters() if p.requires_grad], lr=1e-2)
+    retriever.train()
+    for _ in range(3):
+        loss = dream.dream_loss(lm, dream.pack(TOK, queries, docs, targets), retriever.score(queries, docs))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    retriever.eval()
+    after = retriever.encode(TEXTS)
+    assert (after - before).abs().max() > 1e-4  # the adapters changed the embeddings
+    saved = tmp_path / "lora"
+    retriever.save(str(saved))
+    assert (saved / "adapter_model.safetensors").exists() and not (saved / "model.safetensors").exists()
+    again = dream.Retriever.load(str(saved))
+    assert again.pooling == "last" and any(p.requires_grad for p in again.parameters())
+    assert (again.encode(TEXTS) - after).abs().max() <= 1e-5
+    st = SentenceTransformer(str(saved), device="cpu").encode(TEXTS, convert_to_tensor=True)
+    assert (st.cpu() - after).abs().max() <= 1e-5
+
+
+# -----------------------------------------------------------------------------
+# torchrun: two processes (gloo, CPU) train exactly as one process with the same global batch
+
+
+def as_flags(cfg):
+    flags = []
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        flags += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [f"{flag}={value}"]
+    return flags
+
+
+def test_torchrun_two_processes_train_as_one(tmp_path):
+    import subprocess
+    import train
+    from safetensors.torch import load_file
+    cfg = tiny_training_setup(tmp_path)
+    config_file = os.path.join(cfg.encoder, "config.json")
+    config = json.load(open(config_file))  # no dropout: two ranks would draw other masks than one
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    json.dump(config, open(config_file, "w"))
+    # Adam turns float noise in a near-zero gradient (a different summation order) into up to
+    # lr * noise / eps of weight: 1.4e-5 at lr 1e-3, 1.4e-6 at lr 1e-4. the steps stay 100x that
+    cfg = dataclasses.replace(cfg, steps=3, batch_size=4, checkpoint_every=3, val_questions=3, lr=1e-4)
+    _, one = train.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "one")), log=lambda *_: None)
+    two_dir = tmp_path / "two"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", *as_flags(dataclasses.replace(cfg, out_dir=str(two_dir)))],
+                          cwd=os.path.dirname(os.path.abspath(__file__)), env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.load(open(two_dir / "report.json"))
+    assert "2 processes" in done.stdout + done.stderr
+    assert abs(two["loss"][0][1] - one["loss"][0][1]) <= 1e-5  # step 1
+    for when in ("before", "after"):
+        assert abs(two[when]["val_loss_and_gold_top1"][0] - one[when]["val_loss_and_gold_top1"][0]) <= 1e-5
+    a, b = load_file(tmp_path / "one" / "encoder" / "model.safetensors"), load_file(two_dir / "encoder" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[n] - b[n]).abs().max().item() for n in a) <= 1e-5
+    start = load_file(os.path.join(cfg.encoder, "model.safetensors"))
+    assert max((a[n] - start[n]).abs().max().item() for n in a) > 2e-4  # it did train
+
+
+def run_eval(args, out, torchrun):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # gloo, on CPUs
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else []
+    import subprocess
+    done = subprocess.run([sys.executable, *launcher, "eval.py", *args, "--out", str(out)], cwd=os.path.dirname(os.path.abspath(__file__)),
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads(out.read_text()), done
+
+
+def test_torchrun_gives_the_scores_of_one_process(tmp_path):
+    # 15 documents (odd: the two slices differ in length), distinct texts (no ties to break)
+    corpus = [{"_id": f"d{i}", "title": f"k{i % 8}", "text": f"v{i // 2} v{(3 * i) % 8} q{(5 * i) % 8}"}
+              for i in range(15)]
+    queries = [{"_id": f"q{j}", "text": f"q{j} k{(j + 3) % 8}"} for j in range(5)]
+    qrels = [(f"q{j}", f"d{(4 * j + r) % 15}", 1 + r % 2) for j in range(5) for r in range(3)]
+    data = write_beir(tmp_path / "toyset", corpus, queries, qrels)
+    args = ["--encoder", tiny_encoder_folder(tmp_path), "--data", data]
+    one, _ = run_eval(args, tmp_path / "one.json", torchrun=False)
+    two, done = run_eval(args, tmp_path / "two.json", torchrun=True)
+    assert 0 < one["toyset"]["ndcg@10"] < 1  # a ranking that can go wrong
+    for metric, value in one["toyset"].items():
+        assert abs(two["toyset"][metric] - value) <= 1e-6, (metric, two["toyset"][metric], value)
+    assert done.stdout.count("toyset") == 1  # the table, from rank 0 only
+    assert done.stderr.count("15 documents") == 1

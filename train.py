@@ -31,13 +31,15 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import dream
-from eval import (bm25_search, dense_search, evaluate, find_file, ids_and_texts, load_beir, read_json_lines,
-                  read_jsonl)
+from eval import (bm25_search, dense_search, evaluate, find_file, ids_and_texts, init_distributed, load_beir,
+                  read_json_lines, read_jsonl)
 
 # -----------------------------------------------------------------------------
 # the toy world
@@ -149,6 +151,10 @@ class Config:
     data_dir: str = os.environ.get("DREAM_DATA", "../shared/data")
     out_dir: str = "out/small"
     heads: str = "all"          # biased heads: "all", a layer slice, or "layer-head,..." pairs
+    lora: int = 0               # > 0: train LoRA adapters of this rank instead of every weight
+    pooling: str = ""           # mean | cls | last; "" = the encoder's sentence-transformers setting
+    dtype: str = "auto"         # bf16 (autocast; the frozen LM stored in bf16) or fp32; auto: bf16 on GPUs
+    gradient_checkpointing: bool = False  # recompute the frozen LM's layers in the backward: less memory
     temperature: float = 0.05
     k: int = 4                  # candidates per question (BM25 top-k)
     max_doc_tokens: int = 96
@@ -186,10 +192,10 @@ def resolve_models(cfg, log):
     return lm, encoder
 
 
-def load_lm(name_or_path, log):
+def load_lm(name_or_path, log, **kwargs):
     """dream.load_frozen_lm, with a GGUF file converted once to a plain folder (seconds, not 30 s)."""
     if not str(name_or_path).endswith(".gguf"):
-        return dream.load_frozen_lm(name_or_path)
+        return dream.load_frozen_lm(name_or_path, **kwargs)
     cache = os.path.join(os.path.expanduser("~/.cache/dream"), os.path.basename(name_or_path)[:-5])
     if not os.path.exists(os.path.join(cache, "config.json")):
         log(f"converting {name_or_path} to {cache} (once)")
@@ -200,8 +206,7 @@ def load_lm(name_or_path, log):
         lm.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.replace(tmp, cache)
-        return lm, tok
-    return dream.load_frozen_lm(cache)
+    return dream.load_frozen_lm(cache, **kwargs)
 
 
 # -----------------------------------------------------------------------------
@@ -318,20 +323,34 @@ def examples(questions, passages, idx):
             [q["target"] for q in qs])
 
 
+def lm_batch(tok, questions, doc_ids, idx, cfg):
+    """dream.pack on documents tokenized once before training (doc_ids: passage index -> ids)."""
+    qs = [questions[i] for i in idx]
+    return dream.pack(tok, [q["query"] for q in qs], [[doc_ids[j] for j in q["candidates"]] for q in qs],
+                      [q["target"] for q in qs], max_doc_tokens=cfg.max_doc_tokens)
+
+
 @torch.no_grad()
-def validation(lm, tok, retriever, questions, passages, cfg):
-    """Mean DREAM loss on the held-out questions, and how often the top candidate is the gold one."""
-    losses, hits, golds = [], 0, 0
-    for i in range(0, len(questions), cfg.batch_size):
-        q, d, y = examples(questions, passages, range(i, min(i + cfg.batch_size, len(questions))))
-        scores = retriever.score(q, d)
-        batch = dream.pack(tok, q, d, y, max_doc_tokens=cfg.max_doc_tokens)
-        losses += dream.dream_loss(lm, batch, scores, cfg.heads, cfg.temperature, reduction="none").tolist()
-        for row, question in zip(scores.argmax(-1).tolist(), questions[i:i + cfg.batch_size]):
-            if question["gold"] in question["candidates"]:
-                golds += 1
-                hits += question["candidates"][row] == question["gold"]
-    return sum(losses) / len(losses), hits / max(golds, 1)
+def validation(lm, tok, retriever, questions, passages, doc_ids, cfg, autocast, rank=0, world=1):
+    """Mean DREAM loss on the held-out questions, and how often the top candidate is the gold one.
+    Under torchrun each rank takes every world-th question, and the sums are added up."""
+    mine = list(range(rank, len(questions), world))
+    device = next(lm.parameters()).device
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, questions, gold on top, questions with gold
+    for i in range(0, len(mine), cfg.batch_size):
+        idx = mine[i:i + cfg.batch_size]
+        q, d, _ = examples(questions, passages, idx)
+        with autocast:
+            scores = retriever.score(q, d)
+            losses = dream.dream_loss(lm, lm_batch(tok, questions, doc_ids, idx, cfg).to(device), scores,
+                                      cfg.heads, cfg.temperature, reduction="none")
+        sums[:2] += torch.tensor([losses.sum().item(), len(idx)])
+        for row, j in zip(scores.argmax(-1).tolist(), idx):
+            if questions[j]["gold"] in questions[j]["candidates"]:
+                sums[2:] += torch.tensor([questions[j]["candidates"][row] == questions[j]["gold"], 1])
+    if world > 1:
+        dist.all_reduce(sums)
+    return sums[0].item() / sums[1].item(), sums[2].item() / max(sums[3].item(), 1)
 
 
 def save_checkpoint(path, state):
@@ -353,13 +372,33 @@ def evaluate_beir(retriever, folders, log):
 
 
 def train(cfg, log=print):
-    torch.manual_seed(cfg.seed)
+    """Train; under torchrun (one process per GPU, or per CPU with gloo) every rank takes its share
+    of each global batch and DistributedDataParallel averages the gradients, as in nanoGPT."""
+    rank, world, device = init_distributed()
+    device = torch.device(device)
+    master = rank == 0  # logs, checkpoints, writes the report
+    log = log if master else (lambda *_: None)
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} does not split over {world} processes: "
+                         f"use a multiple of {world}")
+    if cfg.dtype not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"--dtype {cfg.dtype!r}: choose auto, bf16 or fp32")
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    torch.manual_seed(cfg.seed + rank)  # each rank its own dropout
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     t0 = time.time()
     lm_name, encoder_name = resolve_models(cfg, log)
-    lm, tok = load_lm(lm_name, log)
-    retriever = dream.Retriever(encoder_name)
+    if not master:
+        dist.barrier()  # rank 0 converts a GGUF file once, then the others read the folder
+    lm, tok = load_lm(lm_name, log, dtype=torch.bfloat16 if bf16 else torch.float32, device=device,
+                      gradient_checkpointing=cfg.gradient_checkpointing)
+    if master and world > 1:
+        dist.barrier()
+    retriever = dream.Retriever(encoder_name, pooling=cfg.pooling or None, lora=cfg.lora or None).to(device)
+    # BERT's pooler, say, is computed but unused by mean pooling: DDP must not wait for its gradient
+    model = DDP(retriever, find_unused_parameters=True) if world > 1 else retriever
     dream.resolve_heads(lm, cfg.heads)  # a bad head fails now, not after the data is ready
     questions, passages = load_questions(cfg, log)
     train_qs, val_qs = split_by_group(questions, cfg.val_questions, cfg.seed)
@@ -367,19 +406,25 @@ def train(cfg, log=print):
         raise ValueError("no held-out question: the data needs at least two articles (groups) and "
                          "--val-questions >= 1")
     add_candidates(train_qs + val_qs, passages, cfg.k, cfg.seed)
-    log(f"{len(train_qs):,} training questions, {len(val_qs)} held out; {time.time() - t0:.0f}s to set up")
+    used = sorted({j for q in train_qs + val_qs for j in q["candidates"]})
+    tokenized = tok([passages[j] for j in used], add_special_tokens=False)["input_ids"]  # once, not per step
+    doc_ids = {j: ids[:cfg.max_doc_tokens] for j, ids in zip(used, tokenized)}
+    log(f"{len(train_qs):,} training questions, {len(val_qs)} held out; {time.time() - t0:.0f}s to set up"
+        + (f"; {world} processes" if world > 1 else ""))
     eval_folders = [] if cfg.eval_data == "none" else (
         cfg.eval_data.split(",") if cfg.eval_data else [os.path.join(cfg.data_dir, "scifact")])
     if not cfg.eval_data and not os.path.isdir(eval_folders[0]):
         log(f"{eval_folders[0]} not found: SciFact will be downloaded (eval.py's cache)")
         eval_folders = ["scifact"]
+    validate = lambda: validation(lm, tok, retriever, val_qs, passages, doc_ids, cfg, autocast, rank, world)
 
-    opt = torch.optim.AdamW(retriever.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([p for p in retriever.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     start, report = 0, {"config": dataclasses.asdict(cfg)}
     if cfg.resume:
         if not os.path.exists(ckpt_path):
             raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, weights_only=False)
+        ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu")
         changed = {key: (value, getattr(cfg, key)) for key, value in ckpt["report"]["config"].items()
                    if key != "resume" and value != getattr(cfg, key)}
         if changed:  # a resumed run must be the run it continues
@@ -387,29 +432,37 @@ def train(cfg, log=print):
                              f"(checkpoint, now): {changed}")
         retriever.load_state_dict(ckpt["retriever"])
         opt.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
+        rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+        torch.set_rng_state(rng[rank % len(rng)])
         start, report = ckpt["step"], ckpt["report"]
         log(f"resumed from {ckpt_path} at step {start}")
     else:
-        report["before"] = {"val_loss_and_gold_top1": validation(lm, tok, retriever, val_qs, passages, cfg),
+        report["before"] = {"val_loss_and_gold_top1": validate(),
                             "beir": evaluate_beir(retriever, eval_folders, log)}
         log(f"before: {report['before']}")
 
     retriever.train()
-    bar = tqdm(range(start, cfg.steps), desc="training", initial=start, total=cfg.steps)
+    bar = tqdm(range(start, cfg.steps), desc="training", initial=start, total=cfg.steps, disable=not master)
     step_times = []
     for step in bar:
         t = time.time()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
+        # the global batch is drawn alike on every rank; each rank takes its share
         idx = random.Random(cfg.seed * 1_000_003 + step).sample(range(len(train_qs)), cfg.batch_size)
-        q, d, y = examples(train_qs, passages, idx)
-        scores = retriever.score(q, d)
-        loss = dream.dream_loss(lm, dream.pack(tok, q, d, y, max_doc_tokens=cfg.max_doc_tokens),
-                                scores, cfg.heads, cfg.temperature)
+        idx = idx[rank::world]
+        q, d, _ = examples(train_qs, passages, idx)
+        with autocast:
+            scores = model(q, d)  # queries and candidates in one batched call
+            loss = dream.dream_loss(lm, lm_batch(tok, train_qs, doc_ids, idx, cfg).to(device), scores,
+                                    cfg.heads, cfg.temperature)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP averages the gradients over the ranks here
         grad_norm = torch.nn.utils.clip_grad_norm_(retriever.parameters(), cfg.grad_clip)
+        loss = loss.detach()
+        if world > 1:  # the loss of the global batch, the same number on every rank
+            dist.all_reduce(loss)
+            loss /= world
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):  # stop before the weights change
             kept = f"{ckpt_path} (step {torch.load(ckpt_path, weights_only=False)['step']})" \
                 if os.path.exists(ckpt_path) else "no checkpoint yet"
@@ -417,27 +470,41 @@ def train(cfg, log=print):
                              f"stopped. The last good checkpoint is intact: {kept}. "
                              "Try a lower --lr or a higher --temperature.")
         opt.step()
-        for i, row in zip(idx, scores.argmax(-1).tolist()):  # monitor only: never a training signal
-            if train_qs[i]["gold"] is not None:
-                report.setdefault("gold_top1_by_step", []).append(
-                    [step, train_qs[i]["candidates"][row] == train_qs[i]["gold"]])
+        gold = [[step, train_qs[i]["candidates"][row] == train_qs[i]["gold"]]  # monitor only, never a signal
+                for i, row in zip(idx, scores.argmax(-1).tolist()) if train_qs[i]["gold"] is not None]
+        report.setdefault("gold_top1_by_step", []).extend(gather(gold, world))
         step_times.append(time.time() - t)
         bar.set_postfix(loss=f"{loss.item():.3f}", steps_per_s=f"{1 / step_times[-1]:.2f}")
         report.setdefault("loss", []).append([step, loss.item()])
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(ckpt_path, {"retriever": retriever.state_dict(), "optimizer": opt.state_dict(),
-                                        "rng": torch.get_rng_state(), "step": step + 1, "report": report})
+            rng = gather([torch.get_rng_state()], world)  # each rank's dropout stream
+            if master:
+                save_checkpoint(ckpt_path, {"retriever": retriever.state_dict(), "optimizer": opt.state_dict(),
+                                            "rng": rng, "step": step + 1, "report": report})
     retriever.eval()
     encoder_dir = os.path.join(cfg.out_dir, "encoder")
-    retriever.save(encoder_dir)
-    report["after"] = {"val_loss_and_gold_top1": validation(lm, tok, retriever, val_qs, passages, cfg),
+    if master:
+        retriever.save(encoder_dir)
+    report["after"] = {"val_loss_and_gold_top1": validate(),
                        "beir": evaluate_beir(retriever, eval_folders, log)}
     report["seconds_per_step"] = sum(step_times) / max(len(step_times), 1)
     report["seconds"] = time.time() - t0
-    with open(os.path.join(cfg.out_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    if master:
+        with open(os.path.join(cfg.out_dir, "report.json"), "w") as f:
+            json.dump(report, f, indent=1)
     log(summary(report, encoder_dir))
+    if world > 1:
+        dist.barrier()  # nobody leaves while rank 0 still writes
     return retriever, report
+
+
+def gather(items, world):
+    """Every rank's list, joined in rank order (the list itself in a single process)."""
+    if world == 1:
+        return items
+    lists = [None] * world
+    dist.all_gather_object(lists, items)
+    return [item for part in lists for item in part]
 
 
 def summary(report, encoder_dir):
@@ -480,11 +547,14 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     args, cfg = parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    # the cores are shared by the processes torchrun starts on this machine
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if args.toy:
         before, after = train_toy()
         print(json.dumps({"top1_before": round(before, 4), "top1_after": round(after, 4)}))
     else:
         _, report = train(cfg)
-        after = report["after"]["beir"]
-        print(json.dumps({"before": report["before"]["beir"], "after": after}))
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(json.dumps({"before": report["before"]["beir"], "after": report["after"]["beir"]}))
+        if dist.is_initialized():
+            dist.destroy_process_group()
