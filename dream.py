@@ -410,14 +410,12 @@ class Retriever(nn.Module):
         return next(self.parameters()).device
 
     def forward(self, queries, docs=None):
-        """embed(queries); with docs (B lists of k), the cosine scores [B, k], every text in one
-        call (one forward for DistributedDataParallel to wrap)."""
+        """embed(queries); with docs (B lists of k), the cosine scores [B, k]: one call for the
+        queries, one for all the documents (short queries padded to document length would cost)."""
         if docs is None:
             return self.embed(queries)
-        k = len(docs[0])
-        e = self.embed(list(queries) + [text for ds in docs for text in ds])
-        q, d = e[:len(queries)], e[len(queries):].view(len(queries), k, -1)
-        return torch.einsum("bd,bkd->bk", q, d)
+        d = self.embed([text for ds in docs for text in ds]).view(len(docs), len(docs[0]), -1)
+        return torch.einsum("bd,bkd->bk", self.embed(queries), d)
 
     score = forward
 
