@@ -22,7 +22,8 @@ relevance labels. Whichever document helps the LM predict y is pulled up.
 
 This is our reading of arXiv 2606.24667, whose equations are not public.
 
-Sections: 1 score-biased attention, 2 the frozen LM, 3 packing a batch, 4 the loss, 5 the retriever.
+Sections: 1 score-biased attention, 2 the frozen LM, 3 packing a batch, 4 the loss, 5 the retriever,
+6 finding the heads to bias (retrieval heads, as QRHead finds them).
 """
 import json
 import math
@@ -51,7 +52,8 @@ class DocBias:
     heads: dict          # layer index -> [H] float mask, 1.0 for a biased head
     reached: int = 0     # how many biased layers saw it (a model that drops kwargs is caught)
     attentions: dict = None  # layer -> [B, H, T, S] probabilities, when asked for
-    reference: bool = False  # compute by hand even where torch's SDPA kernel gives the same result
+    reference: bool = None   # True: by hand; False: torch's SDPA kernel; None: SDPA, but by hand
+                             # for a backward on a CPU (there the kernel's backward is slower)
 
 
 def dream_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -73,9 +75,12 @@ def dream_attention(module, query, key, value, attention_mask, scaling=None, dro
         attention_mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)
     # the DREAM bias, in the selected heads only: [B, 1, T, S] when every head is biased
     bias = dream.bias[:, None] if heads.all() else heads.to(dream.bias)[:, None, None] * dream.bias[:, None]
-    if not dream.reference and dream.attentions is None:
+    reference = dream.reference
+    if reference is None:  # auto: by hand only for a backward on a CPU, where bench.py measured
+        reference = query.device.type == "cpu" and torch.is_grad_enabled() and dream.bias.requires_grad
+    if not reference and dream.attentions is None:
         # the same sum as below, inside torch's fused kernel: mask and bias as one float mask
-        # (the kernel adds it to the logits in fp32 and keeps no [T, S] probabilities for backward)
+        # (added to the logits in fp32; no [T, S] probabilities kept for the backward)
         mask = (torch.where(attention_mask, bias, torch.finfo(query.dtype).min)
                 if attention_mask.dtype == torch.bool else attention_mask + bias)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.dtype),
@@ -202,7 +207,7 @@ class Batch:
 
 
 def pack(tok, queries, docs, targets, max_doc_tokens=128):
-    """One LM batch from B queries, B lists of k documents and B targets.
+    """One LM batch from B queries, B lists of k documents and B targets (DREAM needs k >= 2).
 
     A document is a string or its token ids (tokenized once, outside a training loop), cut to
     max_doc_tokens tokens. Padding goes on the right, so a padded
@@ -211,9 +216,8 @@ def pack(tok, queries, docs, targets, max_doc_tokens=128):
         raise ValueError(f"pack: got {len(queries)} queries, {len(docs)} document lists and "
                          f"{len(targets)} targets; they must be equally many")
     k = len(docs[0]) if docs else 0
-    if k < 2:
-        raise ValueError(f"pack: k = {k} documents per query. With one document softmax(s/tau) is "
-                         "constant, the bias is zero and the retriever gets no gradient: give k >= 2")
+    if k < 1:
+        raise ValueError("pack: no documents; give each query its k candidates")
     encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]
     # an unbiased first token: most LMs park spare attention on position 0 (an "attention sink"),
     # and a bias there would scale that, not the attention to document 1
@@ -273,14 +277,15 @@ class PrefixCache(DynamicCache):
 
 
 def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_attentions=False,
-                   reference=False):
+                   reference=None):
     """Run the LM with the score bias; return its output with logits only where a target token
     is predicted (a flat [N, V] tensor, row order = batch order), not over the documents.
     output_attentions: out.attentions = {layer: [B, H, N, P + N] probabilities} of the biased
     layers; rows: the N suffix positions (query and target); columns: the P prefix positions
     (the documents; a shorter example's own suffix there is masked out), then the N suffix ones.
-    reference: biased layers use the hand-written attention instead of torch's SDPA kernel with
-    the bias as its float mask (the same numbers, slower; output_attentions implies it)."""
+    reference: True, biased layers use the hand-written attention; False, torch's SDPA kernel with
+    the bias as its float mask (the same numbers); None, SDPA except for a backward on a CPU,
+    where bench.py measured the training step 7% slower through it. output_attentions: by hand."""
     if lm.config._attn_implementation != "dream":
         raise ValueError("this LM has no score-biased attention: load it with load_frozen_lm() "
                          "or call prepare_lm(lm) first")
@@ -288,6 +293,9 @@ def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_atte
     if scores.shape != (B, k):
         raise ValueError(f"scores has shape {tuple(scores.shape)}, the batch has {B} queries "
                          f"of {k} documents: scores must be [{B}, {k}]")
+    if k < 2 and scores.requires_grad:  # without grad, one document is fine: the LM as it is
+        raise ValueError(f"k = {k} document per query: softmax(s/tau) over one document is constant, "
+                         "the bias is zero and the retriever gets no gradient: give k >= 2")
     # the documents come before every biased row, so the bias never reaches them: run them once,
     # without grad, into a key/value cache; only the query and target tokens (the suffix) run
     # with the bias, and only they are in the backward pass
@@ -324,7 +332,7 @@ def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_atte
     return out
 
 
-def dream_loss(lm, batch, scores, heads="all", temperature=0.05, reduction="mean", reference=False):
+def dream_loss(lm, batch, scores, heads="all", temperature=0.05, reduction="mean", reference=None):
     """Next-token cross-entropy on the targets, with the attention biased by the scores [B, k].
 
     reduction="mean": the mean over examples of each example's mean over its target tokens;
@@ -496,3 +504,76 @@ def _read_sentence_transformers_config(name_or_path):
         raise ValueError(f"{name_or_path}: pooling {modes} is not supported; choose one of {list(POOLING_KEYS)}")
     pooling = modes[0] if modes else None
     return pooling, read("sentence_bert_config.json", {}).get("max_seq_length")
+
+
+# -----------------------------------------------------------------------------
+# 6. finding retrieval heads (QRHead, Zhang et al. 2025)
+
+
+@torch.no_grad()
+def document_attention(lm, batch):
+    """[L, H, B, k]: the attention each head pays from the query's tokens to each document (summed
+    over the document's tokens, averaged over the query's tokens), with the LM as it is."""
+    B, k = batch.spans.shape[:2]
+    out = biased_forward(lm, batch, torch.zeros(B, k, device=batch.input_ids.device), heads="all",
+                         output_attentions=True)
+    docs_end = batch.spans[:, -1, 1]
+    P = int(docs_end.max())
+    query_rows = (batch.labels != -100).int().argmax(1) - docs_end          # [B]: rows before the target
+    N = next(iter(out.attentions.values())).shape[2]
+    is_query = (torch.arange(N, device=docs_end.device) < query_rows[:, None]).float()       # [B, N]
+    pos = torch.arange(P, device=docs_end.device)
+    in_doc = ((pos >= batch.spans[..., 0:1]) & (pos < batch.spans[..., 1:2])).float()      # [B, k, P]
+    mass = []
+    for layer in sorted(out.attentions):
+        per_doc = out.attentions[layer][..., :P].float() @ in_doc.transpose(1, 2)[:, None]  # [B, H, N, k]
+        mass.append(torch.einsum("bhnk,bn->hbk", per_doc, is_query) / query_rows[:, None].float())
+    return torch.stack(mass)
+
+
+def rank_heads(lm, tok, queries, docs, targets, useful, null_query="N/A", max_doc_tokens=128,
+               batch_size=4, progress=False):
+    """[L, H] head scores: how well each head's attention from the query finds the useful document.
+
+    A head ranks the k candidates by the attention mass its query rows put on each, less the mass
+    it puts there for null_query (what the head gives a document for its position alone, not for
+    the query); its score is the mean reciprocal rank of the useful document (an index per query)."""
+    device = next(lm.parameters()).device
+    total = 0.0
+    for i in tqdm(range(0, len(queries), batch_size), desc="ranking heads", disable=not progress):
+        part = slice(i, i + batch_size)
+        n = len(queries[part])
+        real = document_attention(lm, pack(tok, queries[part], docs[part], targets[part], max_doc_tokens).to(device))
+        null = document_attention(lm, pack(tok, [null_query] * n, docs[part], targets[part],
+                                           max_doc_tokens).to(device))
+        calibrated = real - null                                                    # [L, H, n, k]
+        u = torch.as_tensor(useful[part], device=device)
+        useful_mass = calibrated.gather(-1, u[None, None, :, None].expand(*calibrated.shape[:3], 1))
+        # ties share their ranks: a head that cannot tell the documents apart is not rewarded
+        rank = 1 + (calibrated > useful_mass).sum(-1) + 0.5 * ((calibrated == useful_mass).sum(-1) - 1)
+        total = total + (1.0 / rank).sum(-1)
+    return (total / len(queries)).cpu()
+
+
+def top_heads(scores, n):
+    """The n best heads of rank_heads' [L, H] scores as a "layer-head,..." string, best first."""
+    best = scores.flatten().argsort(descending=True)[:n].tolist()
+    return ",".join(f"{i // scores.shape[1]}-{i % scores.shape[1]}" for i in best)
+
+
+@torch.no_grad()
+def leave_one_out(lm, tok, queries, docs, targets, max_doc_tokens=128, batch_size=4, progress=False):
+    """The useful document without labels: for each query, the index of the candidate whose
+    removal raises the frozen LM's loss on the target most."""
+    k = len(docs[0])
+    if k < 3:
+        raise ValueError(f"leave_one_out: k = {k}; removing one document must leave at least two")
+    device = next(lm.parameters()).device
+    useful = []
+    for i in tqdm(range(0, len(queries), batch_size), desc="leave one out", disable=not progress):
+        q, d, y = queries[i:i + batch_size], docs[i:i + batch_size], targets[i:i + batch_size]
+        without = [dream_loss(lm, pack(tok, q, [ds[:j] + ds[j + 1:] for ds in d], y, max_doc_tokens).to(device),
+                              torch.zeros(len(q), k - 1, device=device), reduction="none")
+                   for j in range(k)]
+        useful += torch.stack(without, 1).argmax(1).tolist()
+    return useful

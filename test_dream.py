@@ -306,8 +306,11 @@ def test_bad_pack_inputs():
         dream.pack(TOK, queries, [docs[0], docs[1], ["k1", "", "k2"]], targets)
     with pytest.raises(ValueError, match="max_doc_tokens=0"):
         dream.pack(TOK, queries, docs, targets, max_doc_tokens=0)
+    one_doc = dream.pack(TOK, queries, [d[:1] for d in docs], targets)
     with pytest.raises(ValueError, match="k = 1 .*constant"):
-        dream.pack(TOK, queries, [d[:1] for d in docs], targets)
+        dream.dream_loss(dream.prepare_lm(tiny_lm("llama")), one_doc, torch.zeros(3, 1, requires_grad=True))
+    with pytest.raises(ValueError, match="no documents"):
+        dream.pack(TOK, queries, [[], [], []], targets)
     with pytest.raises(ValueError, match="target of example 1 .* tokenizes to nothing"):
         dream.pack(TOK, queries, docs, ["v1", "", "v2"])
     with pytest.raises(ValueError, match="example 1 has 2 documents"):
@@ -722,7 +725,7 @@ def loss_and_grad(lm, batch, heads, **kwargs):
 def test_sdpa_float_mask_path_equals_the_hand_written_reference(kind, heads):
     lm = dream.prepare_lm(tiny_lm(kind))
     batch = dream.pack(TOK, *toy_batch())  # padded
-    fast, grad_fast = loss_and_grad(lm, batch, heads)
+    fast, grad_fast = loss_and_grad(lm, batch, heads, reference=False)
     ref, grad_ref = loss_and_grad(lm, batch, heads, reference=True)
     assert grad_ref.abs().max() > 1e-3  # the comparison below is not vacuous
     assert abs(fast - ref) <= 1e-5 and (grad_fast - grad_ref).abs().max() <= 1e-5
@@ -751,7 +754,7 @@ def test_pack_takes_pre_tokenized_documents():
     assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("input_ids", "attention_mask", "labels", "spans"))
 
 
-@pytest.mark.parametrize("reference", [False, True])
+@pytest.mark.parametrize("reference", [False, True])  # the SDPA kernel, and by hand
 def test_bf16_autocast_stays_close_to_fp32(reference):
     lm = dream.prepare_lm(tiny_lm("llama"))
     batch = dream.pack(TOK, *toy_batch())
@@ -875,3 +878,124 @@ def test_torchrun_gives_the_scores_of_one_process(tmp_path):
         assert abs(two["toyset"][metric] - value) <= 1e-6, (metric, two["toyset"][metric], value)
     assert done.stdout.count("toyset") == 1  # the table, from rank 0 only
     assert done.stderr.count("15 documents") == 1
+
+
+# -----------------------------------------------------------------------------
+# finding retrieval heads (QRHead): calibrated attention mass, leave-one-out usefulness
+
+
+def test_rank_heads_scores_by_calibrated_mass(monkeypatch):
+    """Three fake heads over k = 3 documents, the useful one at 0, 1, 2. Head 0 pays the last
+    document most for its position and the useful one a little more for the query; head 1 has the
+    position bias alone; head 2 looks at the useful document only through the query."""
+    position = torch.tensor([0.1, 0.2, 0.6])
+    useful = [0, 1, 2]
+    bump = 0.05 * F.one_hot(torch.tensor(useful), 3)                       # [n, k]
+    def fake_attention(lm, batch):
+        is_null = (batch.input_ids == TOK.convert_tokens_to_ids("[UNK]")).any(1)  # "N/A" is unknown
+        real = (~is_null).float()[:, None] * bump
+        heads = [position + real, position.expand(3, 3), real]
+        return torch.stack(heads)[None]                                    # [L=1, H=3, n, k]
+    monkeypatch.setattr(dream, "document_attention", fake_attention)
+    queries, docs, targets = toy_batch()
+    scores = dream.rank_heads(dream.prepare_lm(tiny_lm("llama")), TOK, queries, docs, targets, useful, batch_size=3)
+    assert torch.allclose(scores, torch.tensor([[1.0, (1 / 2 + 1 / 2 + 1 / 2) / 3, 1.0]]))
+    assert dream.top_heads(scores, 2) in ("0-0,0-2", "0-2,0-0")
+
+
+import torch.nn.functional as F  # noqa: E402 (used by the tests below)
+
+
+@pytest.fixture(scope="module")
+def copying_lm():
+    return WORLD.copying_lm(steps=300)
+
+
+def test_leave_one_out_finds_the_document_the_lm_reads(copying_lm):
+    queries, docs, targets, gold = WORLD.examples(48)  # the target is the gold document's value
+    useful = dream.leave_one_out(copying_lm, TOK, queries, docs, targets, batch_size=16)
+    assert (torch.tensor(useful) == gold).float().mean() >= 0.9
+
+
+def test_document_attention_sums_the_query_rows_attention_per_document():
+    lm = dream.prepare_lm(tiny_lm("llama"))
+    batch = dream.pack(TOK, *toy_batch())
+    mass = dream.document_attention(lm, batch)                              # [L, H, B, k]
+    att = dream.biased_forward(lm, batch, torch.zeros(3, 3), output_attentions=True).attentions
+    b, layer, head = 1, 1, 3
+    docs_end = int(batch.spans[b, -1, 1])
+    n_query = int((batch.labels[b] != -100).int().argmax()) - docs_end
+    want = [att[layer][b, head, :n_query, s:e].sum(-1).mean() for s, e in batch.spans[b].tolist()]
+    assert torch.allclose(mass[layer, head, b], torch.stack(want), atol=1e-6)
+    assert (mass.sum(-1) <= 1 + 1e-6).all() and (mass > 0).all()
+
+
+# -----------------------------------------------------------------------------
+# the baselines and --compare (tiny models, tiny SQuAD-schema data)
+
+
+def tiny_squad(tmp_path, n=40):
+    """SQuAD-schema rows from the toy world: 4 articles; every paragraph is some question's gold."""
+    rng = random.Random(0)
+    rows = []
+    for i in range(n):
+        a, x = rng.randrange(8), rng.randrange(8)
+        rows.append({"id": str(i), "title": f"article {i % 4}", "question": f"q{a}",
+                     "context": f"q{a} k{a} v{x} q{(a + 1) % 8} k{(a + 3) % 8} v{i % 8}",
+                     "answers": {"text": [f"v{x}"], "answer_start": [0]}})
+    path = tmp_path / "squad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_replug_matches_the_lm_per_document_and_pulls_every_candidate(tmp_path):
+    import train
+    cfg = dataclasses.replace(tiny_training_setup(tmp_path), loss="replug", k=3, beta=0.5)
+    lm = dream.prepare_lm(tiny_lm("llama"))
+    queries, docs, targets = toy_batch()
+    questions = [{"query": q, "target": y, "candidates": [3 * b + i for i in range(3)], "gold": None}
+                 for b, (q, y) in enumerate(zip(queries, targets))]
+    doc_ids = {3 * b + i: TOK(d, add_special_tokens=False)["input_ids"] for b, ds in enumerate(docs)
+               for i, d in enumerate(ds)}
+    nll = train.nll_per_document(lm, TOK, questions, doc_ids, [0, 1, 2], cfg, "cpu")
+    for b in range(3):
+        for i in range(3):  # the LM alone, one document in its context
+            alone = dream.pack(TOK, [queries[b]], [[docs[b][i]]], [targets[b]])
+            logits = lm(input_ids=alone.input_ids).logits[0, :-1]
+            want = F.cross_entropy(logits, alone.labels[0, 1:], ignore_index=-100)
+            assert abs(nll[b, i].item() - want.item()) <= 1e-5
+    scores = torch.zeros(3, 3, requires_grad=True)
+    passages = {j: "" for j in doc_ids}  # the retriever below ignores the texts
+    loss, _ = train.step_loss(cfg, lm, TOK, lambda q, d: scores * 1.0, questions, passages, doc_ids, [0, 1, 2], "cpu")
+    loss.backward()
+    q = F.softmax(-nll / cfg.beta, -1)
+    assert abs(loss.item() - (q * (q.log() + math.log(3))).sum(-1).mean().item()) <= 1e-5  # KL(Q || uniform)
+    assert (scores.grad != 0).all()  # every candidate's score is pulled, not only the last one's
+
+
+def test_compare_trains_every_method_and_writes_tables_and_plots(tmp_path, monkeypatch):
+    import train
+    from train import Config
+    lm_dir, enc_dir = tmp_path / "lm", tmp_path / "enc"
+    tiny_lm("llama").save_pretrained(lm_dir)
+    TOK.save_pretrained(lm_dir)
+    WORLD.fresh_retriever(enc_dir)
+    cfg = Config(lm=str(lm_dir), encoder=str(enc_dir), train_data=tiny_squad(tmp_path), eval_data="none",
+                 out_dir=str(tmp_path / "cmp"), heads="auto", head_count=3, detection_questions=8, k=3,
+                 steps=3, batch_size=2, lr=1e-3, warmup_steps=1, val_questions=10, val_loss_questions=4,
+                 checkpoint_every=3, seed=0)
+    reports = train.compare(cfg, ablations=True, log=lambda *_: None)
+    text = (tmp_path / "cmp" / "compare.md").read_text()
+    for row in ["start encoder", "BM25", "DREAM", "REPLUG-LSR", "InfoNCE (gold labels)", "DREAM, random heads",
+                "DREAM, all heads", "DREAM, tau 0.1", "DREAM, k 8"]:
+        assert f"| {row} |" in text, row
+    assert (tmp_path / "cmp" / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "cmp" / "attention.png").stat().st_size > 1000
+    heads = reports["DREAM"]["heads"].split(",")
+    assert len(heads) == 3 == len(set(heads)) and reports["REPLUG-LSR"]["heads"] == reports["DREAM"]["heads"]
+    assert reports["DREAM, random heads"]["heads"] != reports["DREAM"]["heads"]
+    assert reports["DREAM, all heads"]["heads"] == "all"
+    assert {r["config"]["steps"] for n, r in reports.items() if n not in ("BM25", "start encoder")} == {3}
+    # a second --compare reuses every finished run
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained again"))
+    train.compare(cfg, ablations=True, log=lambda *_: None)

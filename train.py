@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -150,7 +151,13 @@ class Config:
     eval_data: str = ""         # BEIR folders or names, comma-separated; "" = <data_dir>/scifact; none
     data_dir: str = os.environ.get("DREAM_DATA", "../shared/data")
     out_dir: str = "out/small"
-    heads: str = "all"          # biased heads: "all", a layer slice, or "layer-head,..." pairs
+    loss: str = "dream"         # dream; or the baselines replug (REPLUG-LSR) and infonce (gold labels)
+    heads: str = "all"          # biased heads: all, auto (ranked, QRHead), random, a layer slice,
+                                # "layer-head,..." pairs, or a file holding them
+    head_count: int = 16        # heads auto and random: how many
+    head_source: str = "gold"   # heads auto: the useful document is the gold one, or loo (leave-one-out, no labels)
+    detection_questions: int = 64  # heads auto: training questions the heads are ranked on
+    beta: float = 0.1           # replug: temperature of the LM's distribution over the candidates
     lora: int = 0               # > 0: train LoRA adapters of this rank instead of every weight
     pooling: str = ""           # mean | cls | last; "" = the encoder's sentence-transformers setting
     dtype: str = "auto"         # bf16 (autocast; the frozen LM stored in bf16) or fp32; auto: bf16 on GPUs
@@ -164,7 +171,9 @@ class Config:
     warmup_steps: int = 6
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    val_questions: int = 32     # held out by article, never trained on
+    val_questions: int = 32     # held out by article, never trained on: retrieval over the pool
+    val_loss_questions: int = 32  # of those, how many the validation loss and attention are measured on
+    evaluate_before: bool = True  # evaluate the start encoder too
     checkpoint_every: int = 25
     seed: int = 1337
     resume: bool = False
@@ -306,6 +315,94 @@ def add_candidates(questions, passages, k, seed):
 
 
 # -----------------------------------------------------------------------------
+# which heads get the bias: auto (ranked as QRHead does), random, all, a list, or a file
+
+
+def choose_heads(cfg, lm, tok, train_qs, passages, log):
+    """cfg.heads as a string dream.resolve_heads reads."""
+    L, H = lm.config.num_hidden_layers, lm.config.num_attention_heads
+    if cfg.heads == "random":  # the ablation: as many heads as auto picks, drawn at random
+        pairs = random.Random(cfg.seed).sample([(l, h) for l in range(L) for h in range(H)], cfg.head_count)
+        return ",".join(f"{l}-{h}" for l, h in pairs)
+    if cfg.heads == "auto":
+        return detect_heads(cfg, lm, tok, train_qs, passages, log)
+    if os.path.isfile(cfg.heads):
+        with open(cfg.heads) as f:
+            return f.read().strip()
+    return cfg.heads
+
+
+def detect_heads(cfg, lm, tok, train_qs, passages, log):
+    """QRHead on detection_questions training questions; the useful document is the gold paragraph
+    (head_source=gold, a small labeled set) or the leave-one-out one (head_source=loo, no labels)."""
+    if cfg.head_source not in ("gold", "loo"):
+        raise ValueError(f"--head-source {cfg.head_source!r}: choose gold or loo")
+    pool = [q for q in train_qs if cfg.head_source == "loo" or q["gold"] in q["candidates"]]
+    qs = pool[:cfg.detection_questions]
+    if not qs:
+        raise ValueError("--heads auto --head-source gold: no training question has its gold paragraph among "
+                         "its candidates; use --head-source loo")
+    q, d, y = examples(qs, passages, range(len(qs)))
+    t = time.time()
+    if cfg.head_source == "gold":
+        useful = [x["candidates"].index(x["gold"]) for x in qs]
+    else:
+        useful = dream.leave_one_out(lm, tok, q, d, y, cfg.max_doc_tokens, progress=True)
+    scores = dream.rank_heads(lm, tok, q, d, y, useful, max_doc_tokens=cfg.max_doc_tokens, progress=True)
+    heads = dream.top_heads(scores, cfg.head_count)
+    path = os.path.join(cfg.out_dir, "heads.txt")
+    with open(path, "w") as f:
+        f.write(heads + "\n")
+    torch.save(scores, os.path.join(cfg.out_dir, "head_scores.pt"))
+    log(f"heads ({cfg.head_source}, {len(qs)} questions, {time.time() - t:.0f}s): {heads} -> {path}")
+    return heads
+
+
+# -----------------------------------------------------------------------------
+# evaluation on held-out QA questions: retrieval over the whole paragraph pool, and where the
+# biased LM's attention goes
+
+
+def evaluate_qa(retriever, questions, passages):
+    """nDCG@10, Recall@100... of finding each held-out question's gold paragraph in the pool."""
+    judged = [i for i, q in enumerate(questions) if q["gold"] is not None]
+    if not judged:
+        return None
+    queries = {f"q{i}": questions[i]["query"] for i in judged}
+    qrels = {f"q{i}": {f"p{questions[i]['gold']}": 1} for i in judged}
+    corpus = {f"p{j}": p for j, p in enumerate(passages)}
+    return evaluate(qrels, dense_search(retriever, corpus, queries, top_k=100, progress=False))
+
+
+@torch.no_grad()
+def attention_on_gold(lm, tok, retriever, questions, passages, doc_ids, cfg, device):
+    """(gold, other): the attention mass the biased heads put from the query and target tokens on
+    the gold paragraph, and on an average other candidate (held-out questions whose gold is one)."""
+    qs = [q for q in questions if q["gold"] in q["candidates"]]
+    heads = dream.resolve_heads(lm, cfg.heads)
+    gold = other = 0.0
+    for i in range(0, len(qs), cfg.batch_size):
+        idx = range(i, min(i + cfg.batch_size, len(qs)))
+        q, d, _ = examples(qs, passages, idx)
+        batch = lm_batch(tok, qs, doc_ids, idx, cfg).to(device)
+        out = dream.biased_forward(lm, batch, retriever.score(q, d), cfg.heads, cfg.temperature,
+                                   output_attentions=True)
+        P = int(batch.spans[:, -1, 1].max())
+        rows = torch.arange(out.attentions[next(iter(out.attentions))].shape[2], device=device)
+        real = rows[None] < (batch.attention_mask.sum(1) - batch.spans[:, -1, 1])[:, None]    # [B, N]
+        pos = torch.arange(P, device=device)
+        in_doc = ((pos >= batch.spans[..., 0:1]) & (pos < batch.spans[..., 1:2])).float()  # [B, k, P]
+        mass = sum((out.attentions[l][..., :P].float() @ in_doc.transpose(1, 2)[:, None])[:, heads[l].bool()]
+                   .mean(1) for l in heads) / len(heads)                                    # [B, N, k]
+        mass = (mass * real[..., None]).sum(1) / real.sum(1, keepdim=True)                  # [B, k]
+        g = torch.tensor([qs[j]["candidates"].index(qs[j]["gold"]) for j in idx], device=device)
+        is_gold = F.one_hot(g, mass.shape[1]).bool()
+        gold += mass[is_gold].sum().item()
+        other += (mass.masked_fill(is_gold, 0).sum(1) / (mass.shape[1] - 1)).sum().item()
+    return gold / max(len(qs), 1), other / max(len(qs), 1)
+
+
+# -----------------------------------------------------------------------------
 # training
 
 
@@ -328,6 +425,51 @@ def lm_batch(tok, questions, doc_ids, idx, cfg):
     qs = [questions[i] for i in idx]
     return dream.pack(tok, [q["query"] for q in qs], [[doc_ids[j] for j in q["candidates"]] for q in qs],
                       [q["target"] for q in qs], max_doc_tokens=cfg.max_doc_tokens)
+
+
+def step_loss(cfg, lm, tok, model, questions, passages, doc_ids, idx, device):
+    """(loss, the passage each question's retriever ranks first of its candidates) for cfg.loss."""
+    q, d, _ = examples(questions, passages, idx)
+    if cfg.loss == "infonce":
+        return infonce_loss(cfg, model, questions, passages, idx)
+    scores = model(q, d)
+    tops = [questions[i]["candidates"][row] for i, row in zip(idx, scores.argmax(-1).tolist())]
+    if cfg.loss == "dream":
+        batch = lm_batch(tok, questions, doc_ids, idx, cfg).to(device)
+        return dream.dream_loss(lm, batch, scores, cfg.heads, cfg.temperature), tops
+    # REPLUG-LSR: KL(Q || P_R) over all k candidates. Q: softmax over the candidates of the frozen
+    # LM's log-likelihood of the target given that candidate alone (per token), / beta
+    with torch.no_grad():
+        lm_likes = F.softmax(-nll_per_document(lm, tok, questions, doc_ids, idx, cfg, device) / cfg.beta, -1)
+    return F.kl_div(F.log_softmax(scores / cfg.temperature, -1), lm_likes, reduction="batchmean"), tops
+
+
+def nll_per_document(lm, tok, questions, doc_ids, idx, cfg, device):
+    """[B, k]: the frozen LM's mean target-token loss with one candidate at a time as its context."""
+    qs = [questions[i] for i in idx]
+    one = [(q["query"], [doc_ids[j]], q["target"]) for q in qs for j in q["candidates"]]
+    batch = dream.pack(tok, *zip(*one), max_doc_tokens=cfg.max_doc_tokens).to(device)
+    nll = dream.dream_loss(lm, batch, torch.zeros(len(one), 1, device=device), reduction="none")
+    return nll.view(len(qs), -1)
+
+
+def infonce_loss(cfg, model, questions, passages, idx):
+    """Contrastive, with labels (the supervised reference): the gold paragraph against the other
+    candidates and every other document in the batch."""
+    qs = [questions[i] for i in idx]
+    if any(q["gold"] is None for q in qs):
+        raise ValueError("--loss infonce needs each question's gold paragraph (SQuAD-schema data)")
+    groups = [[q["gold"]] + [j for j in q["candidates"] if j != q["gold"]][:cfg.k - 1] for q in qs]
+    flat = [j for g in groups for j in g]
+    e = model([q["query"] for q in qs] + [passages[j] for j in flat])  # one call: one DDP forward
+    logits = e[:len(qs)] @ e[len(qs):].T / cfg.temperature                       # [B, B * k]
+    positive = torch.arange(len(qs), device=logits.device) * cfg.k
+    # a question's gold paragraph may be another question's candidate too: there it is no negative
+    copy = torch.tensor([[j == q["gold"] for j in flat] for q in qs], device=logits.device)
+    copy[torch.arange(len(qs)), positive] = False
+    loss = F.cross_entropy(logits.masked_fill(copy, float("-inf")), positive)
+    own = logits.detach().view(len(qs), len(qs), cfg.k)[range(len(qs)), range(len(qs))]  # [B, k]
+    return loss, [g[row] for g, row in zip(groups, own.argmax(-1).tolist())]
 
 
 @torch.no_grad()
@@ -383,6 +525,9 @@ def train(cfg, log=print):
                          f"use a multiple of {world}")
     if cfg.dtype not in ("auto", "bf16", "fp32"):
         raise ValueError(f"--dtype {cfg.dtype!r}: choose auto, bf16 or fp32")
+    if cfg.loss not in ("dream", "replug", "infonce"):
+        raise ValueError(f"--loss {cfg.loss!r}: choose dream, replug or infonce")
+    given = cfg  # as asked; cfg.heads becomes the chosen heads below
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     torch.manual_seed(cfg.seed + rank)  # each rank its own dropout
@@ -399,7 +544,8 @@ def train(cfg, log=print):
     retriever = dream.Retriever(encoder_name, pooling=cfg.pooling or None, lora=cfg.lora or None).to(device)
     # BERT's pooler, say, is computed but unused by mean pooling: DDP must not wait for its gradient
     model = DDP(retriever, find_unused_parameters=True) if world > 1 else retriever
-    dream.resolve_heads(lm, cfg.heads)  # a bad head fails now, not after the data is ready
+    if cfg.heads not in ("auto", "random") and not os.path.isfile(cfg.heads):
+        dream.resolve_heads(lm, cfg.heads)  # a bad head fails now, not after the data is ready
     questions, passages = load_questions(cfg, log)
     train_qs, val_qs = split_by_group(questions, cfg.val_questions, cfg.seed)
     if not val_qs:
@@ -411,22 +557,41 @@ def train(cfg, log=print):
     doc_ids = {j: ids[:cfg.max_doc_tokens] for j, ids in zip(used, tokenized)}
     log(f"{len(train_qs):,} training questions, {len(val_qs)} held out; {time.time() - t0:.0f}s to set up"
         + (f"; {world} processes" if world > 1 else ""))
+    heads_file = os.path.join(cfg.out_dir, "heads.txt")
+    if cfg.heads == "auto" and cfg.resume and os.path.exists(heads_file):
+        cfg = dataclasses.replace(cfg, heads=heads_file)  # the heads the run began with
+    chosen = [choose_heads(cfg, lm, tok, train_qs, passages, log) if master else None]
+    if world > 1:
+        dist.broadcast_object_list(chosen)  # ranked once, on rank 0
+    cfg = dataclasses.replace(cfg, heads=chosen[0])
+    dream.resolve_heads(lm, cfg.heads)
     eval_folders = [] if cfg.eval_data == "none" else (
         cfg.eval_data.split(",") if cfg.eval_data else [os.path.join(cfg.data_dir, "scifact")])
     if not cfg.eval_data and not os.path.isdir(eval_folders[0]):
         log(f"{eval_folders[0]} not found: SciFact will be downloaded (eval.py's cache)")
         eval_folders = ["scifact"]
-    validate = lambda: validation(lm, tok, retriever, val_qs, passages, doc_ids, cfg, autocast, rank, world)
+    val_loss_qs = val_qs[:cfg.val_loss_questions]
+
+    def evaluation():
+        numbers = {"val_loss_and_gold_top1": validation(lm, tok, retriever, val_loss_qs, passages, doc_ids,
+                                                         cfg, autocast, rank, world),
+                   "qa": evaluate_qa(retriever, val_qs, passages),
+                   "beir": evaluate_beir(retriever, eval_folders, log)}
+        if cfg.loss == "dream":
+            with autocast:
+                numbers["attention_gold_other"] = attention_on_gold(lm, tok, retriever, val_loss_qs, passages,
+                                                                    doc_ids, cfg, device)
+        return numbers
 
     opt = torch.optim.AdamW([p for p in retriever.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    start, report = 0, {"config": dataclasses.asdict(cfg)}
+    start, report = 0, {"config": dataclasses.asdict(given), "heads": cfg.heads}
     if cfg.resume:
         if not os.path.exists(ckpt_path):
             raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu")
-        changed = {key: (value, getattr(cfg, key)) for key, value in ckpt["report"]["config"].items()
-                   if key != "resume" and value != getattr(cfg, key)}
+        changed = {key: (value, getattr(given, key)) for key, value in ckpt["report"]["config"].items()
+                   if key != "resume" and value != getattr(given, key)}
         if changed:  # a resumed run must be the run it continues
             raise SystemExit(f"--resume: {ckpt_path} was written with other settings "
                              f"(checkpoint, now): {changed}")
@@ -436,9 +601,8 @@ def train(cfg, log=print):
         torch.set_rng_state(rng[rank % len(rng)])
         start, report = ckpt["step"], ckpt["report"]
         log(f"resumed from {ckpt_path} at step {start}")
-    else:
-        report["before"] = {"val_loss_and_gold_top1": validate(),
-                            "beir": evaluate_beir(retriever, eval_folders, log)}
+    elif cfg.evaluate_before:
+        report["before"] = evaluation()
         log(f"before: {report['before']}")
 
     retriever.train()
@@ -451,11 +615,8 @@ def train(cfg, log=print):
         # the global batch is drawn alike on every rank; each rank takes its share
         idx = random.Random(cfg.seed * 1_000_003 + step).sample(range(len(train_qs)), cfg.batch_size)
         idx = idx[rank::world]
-        q, d, _ = examples(train_qs, passages, idx)
         with autocast:
-            scores = model(q, d)  # queries and candidates in one batched call
-            loss = dream.dream_loss(lm, lm_batch(tok, train_qs, doc_ids, idx, cfg).to(device), scores,
-                                    cfg.heads, cfg.temperature)
+            loss, tops = step_loss(cfg, lm, tok, model, train_qs, passages, doc_ids, idx, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages the gradients over the ranks here
         grad_norm = torch.nn.utils.clip_grad_norm_(retriever.parameters(), cfg.grad_clip)
@@ -470,8 +631,8 @@ def train(cfg, log=print):
                              f"stopped. The last good checkpoint is intact: {kept}. "
                              "Try a lower --lr or a higher --temperature.")
         opt.step()
-        gold = [[step, train_qs[i]["candidates"][row] == train_qs[i]["gold"]]  # monitor only, never a signal
-                for i, row in zip(idx, scores.argmax(-1).tolist()) if train_qs[i]["gold"] is not None]
+        gold = [[step, top == train_qs[i]["gold"]] for i, top in zip(idx, tops)  # monitor only, not a signal
+                if train_qs[i]["gold"] in train_qs[i]["candidates"]]
         report.setdefault("gold_top1_by_step", []).extend(gather(gold, world))
         step_times.append(time.time() - t)
         bar.set_postfix(loss=f"{loss.item():.3f}", steps_per_s=f"{1 / step_times[-1]:.2f}")
@@ -485,8 +646,7 @@ def train(cfg, log=print):
     encoder_dir = os.path.join(cfg.out_dir, "encoder")
     if master:
         retriever.save(encoder_dir)
-    report["after"] = {"val_loss_and_gold_top1": validate(),
-                       "beir": evaluate_beir(retriever, eval_folders, log)}
+    report["after"] = evaluation()
     report["seconds_per_step"] = sum(step_times) / max(len(step_times), 1)
     report["seconds"] = time.time() - t0
     if master:
@@ -507,23 +667,147 @@ def gather(items, world):
     return [item for part in lists for item in part]
 
 
+# -----------------------------------------------------------------------------
+# --compare: every method from the same start, on the same data, candidates and steps
+
+METHODS = [("DREAM", {}), ("REPLUG-LSR", {"loss": "replug"}), ("InfoNCE (gold labels)", {"loss": "infonce"})]
+ABLATIONS = [("DREAM, all heads", {"heads": "all"}), ("DREAM, random heads", {"heads": "random"}),
+             ("DREAM, tau 0.1", {"temperature": 0.1}), ("DREAM, k 8", {"k": 8})]
+
+
+def compare(cfg, ablations=False, log=print):
+    """Train DREAM, REPLUG-LSR and InfoNCE (and the ablations) with cfg's settings, each in its own
+    folder under cfg.out_dir; write compare.md (the tables), compare.json and two PNG plots.
+    A finished run is reused when its settings match, so a stopped --compare picks up where it was."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    reports = {}
+
+    def run(name, **changes):
+        c = dataclasses.replace(cfg, out_dir=os.path.join(cfg.out_dir, name.split(" (")[0].lower()
+                                                          .replace(", ", "_").replace(" ", "_")),
+                                evaluate_before=False, resume=False, **changes)
+        path = os.path.join(c.out_dir, "report.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                report = json.load(f)
+            if report["config"] == dataclasses.asdict(c):
+                log(f"{name}: reusing {path}")
+                reports[name] = report
+                return report
+        log(f"--- {name}")
+        reports[name] = train(c, log)[1]
+        return reports[name]
+
+    dream_run = run("DREAM")
+    heads = os.path.join(cfg.out_dir, "heads.txt")  # every row's validation loss biases these heads
+    with open(heads, "w") as f:
+        f.write(dream_run["heads"] + "\n")
+    run("start encoder", steps=0, heads=heads)
+    for name, changes in METHODS[1:]:
+        run(name, **{"heads": heads, **changes})
+    for name, changes in ABLATIONS if ablations else []:  # chosen on the QA slice: no BEIR test set
+        run(name, **{"heads": heads, "eval_data": "none", **changes})
+    reports["BM25"] = bm25_rows(cfg)
+    tables = [table([n for n in ["start encoder", "BM25"] + [m for m, _ in METHODS]], reports)]
+    if ablations:
+        tables.append(table(["DREAM"] + [a for a, _ in ABLATIONS], reports))
+    text = "\n\n".join(tables) + f"\n\nheads (ranked on {cfg.detection_questions} training questions, " \
+                                 f"{cfg.head_source}): {dream_run['heads']}\n"
+    with open(os.path.join(cfg.out_dir, "compare.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(cfg.out_dir, "compare.json"), "w") as f:
+        json.dump({name: {k: v for k, v in r.items() if k not in ("loss", "gold_top1_by_step")}
+                   for name, r in reports.items()}, f, indent=1)
+    plot(reports, cfg.out_dir)
+    log(text)
+    return reports
+
+
+def bm25_rows(cfg):
+    """BM25 on the same held-out questions over the same pool, and on the BEIR sets."""
+    questions, passages = load_questions(cfg, lambda *_: None)
+    _, val_qs = split_by_group(questions, cfg.val_questions, cfg.seed)
+    judged = [i for i, q in enumerate(val_qs) if q["gold"] is not None]
+    run = bm25_search({f"p{j}": p for j, p in enumerate(passages)}, {f"q{i}": val_qs[i]["query"] for i in judged})
+    row = {"after": {"qa": evaluate({f"q{i}": {f"p{val_qs[i]['gold']}": 1} for i in judged}, run), "beir": {}}}
+    folders = [] if cfg.eval_data == "none" else (cfg.eval_data.split(",") if cfg.eval_data
+                                                   else [os.path.join(cfg.data_dir, "scifact")])
+    for folder in folders:
+        corpus, queries, qrels = load_beir(folder)
+        row["after"]["beir"][os.path.basename(os.path.normpath(folder))] = evaluate(qrels, bm25_search(corpus, queries))
+    return row
+
+
+def table(names, reports):
+    """A markdown table: retrieval on the held-out QA slice and the BEIR sets, val loss, s/step."""
+    beir = list(reports[names[0]]["after"]["beir"])
+    head = ["method", "QA nDCG@10", "QA R@100"] + [f"{b} {m}" for b in beir for m in ("nDCG@10", "R@100")]
+    head += ["val loss", "s/step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        r = reports[name]["after"]
+        cells = [name, f"{r['qa']['ndcg@10']:.4f}", f"{r['qa']['recall@100']:.4f}"]
+        cells += [f"{r['beir'][b][m]:.4f}" if b in r["beir"] else "–" for b in beir for m in ("ndcg@10", "recall@100")]
+        cells.append(f"{r['val_loss_and_gold_top1'][0]:.4f}" if "val_loss_and_gold_top1" in r else "")
+        cells.append(f"{reports[name]['seconds_per_step']:.2f}" if reports[name].get("seconds_per_step") else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(reports, out_dir):
+    """loss.png: each method's training loss; attention.png: where DREAM's biased heads look."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    curves = {n: r["loss"] for n, r in reports.items() if r.get("loss")}
+    kinds = {n: reports[n]["config"]["loss"] for n in curves}
+    panels = sorted(set(kinds.values()), key=["dream", "replug", "infonce"].index)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, kind in zip(axes[0], panels):
+        for name in [n for n in curves if kinds[n] == kind]:
+            steps, losses = zip(*curves[name])
+            w = max(1, len(losses) // 10)  # a moving average over a tenth of the run
+            smooth = [sum(losses[max(0, i - w + 1):i + 1]) / len(losses[max(0, i - w + 1):i + 1])
+                      for i in range(len(losses))]
+            ax.plot(steps, smooth, label=name)
+        ax.set(title={"dream": "DREAM: target cross-entropy", "replug": "REPLUG-LSR: KL(Q || P_R)",
+                      "infonce": "InfoNCE (gold labels)"}[kind], xlabel="step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
+    plt.close(fig)
+    if "attention_gold_other" in reports.get("start encoder", {}).get("after", {}):
+        before = reports["start encoder"]["after"]["attention_gold_other"]
+        after = reports["DREAM"]["after"]["attention_gold_other"]
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for i, (label, values) in enumerate([("start encoder", before), ("after DREAM", after)]):
+            ax.bar([i * 3, i * 3 + 1], values, color=["tab:green", "tab:gray"])
+        ax.set_xticks([0, 1, 3, 4], ["gold\nstart", "other\nstart", "gold\nafter", "other\nafter"])
+        ax.set(ylabel="attention mass per document", title="biased heads, held-out questions")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "attention.png"), dpi=120)
+        plt.close(fig)
+
+
 def summary(report, encoder_dir):
-    before, after = report["before"], report["after"]
-    lines = [f"{'':24}{'before':>10}{'after':>10}",
-             f"{'val loss (held out)':24}{before['val_loss_and_gold_top1'][0]:>10.4f}"
-             f"{after['val_loss_and_gold_top1'][0]:>10.4f}",
-             f"{'val gold in top-1':24}{before['val_loss_and_gold_top1'][1]:>10.3f}"
-             f"{after['val_loss_and_gold_top1'][1]:>10.3f}"]
-    for name in before["beir"]:
-        for metric in ("ndcg@10", "recall@100"):
-            lines.append(f"{name + ' ' + metric:24}{before['beir'][name][metric]:>10.4f}"
-                         f"{after['beir'][name][metric]:>10.4f}")
+    columns = [c for c in ("before", "after") if c in report]
+    rows = [("val loss (held out)", lambda r: r["val_loss_and_gold_top1"][0], ".4f"),
+            ("val gold in top-1", lambda r: r["val_loss_and_gold_top1"][1], ".3f")]
+    if report["after"].get("qa"):
+        rows += [(f"held-out QA {m}", lambda r, m=m: r["qa"][m], ".4f") for m in ("ndcg@10", "recall@100")]
+    rows += [(f"{name} {m}", lambda r, name=name, m=m: r["beir"][name][m], ".4f")
+             for name in report["after"]["beir"] for m in ("ndcg@10", "recall@100")]
+    if "attention_gold_other" in report["after"]:
+        rows += [("attention on gold", lambda r: r["attention_gold_other"][0], ".4f"),
+                 ("attention on another", lambda r: r["attention_gold_other"][1], ".4f")]
+    lines = [f"{'':26}" + "".join(f"{c:>10}" for c in columns)]
+    lines += [f"{label:26}" + "".join(f"{get(report[c]):>10{fmt}}" for c in columns) for label, get, fmt in rows]
     gold = report.get("gold_top1_by_step", [])
     if gold:
         n = max(1, len(gold) // 4)
         first, last = [g for _, g in gold[:n]], [g for _, g in gold[-n:]]
-        lines.append(f"training questions whose top candidate is the gold paragraph, first and last "
-                     f"quarter of the run: {sum(first) / n:.3f} -> {sum(last) / n:.3f}")
+        lines.append(f"training questions whose top candidate is their gold paragraph (of those whose gold "
+                     f"is a candidate), first and last quarter: {sum(first) / n:.3f} -> {sum(last) / n:.3f}")
     lines.append(f"encoder saved to {encoder_dir} (python eval.py --encoder {encoder_dir} --data ...)")
     return "\n".join(lines)
 
@@ -532,6 +816,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--toy", action="store_true", help="the toy world (offline, < 2 min on a CPU)")
     parser.add_argument("--small", action="store_true", help="the laptop run: the Config defaults")
+    parser.add_argument("--compare", action="store_true", help="train DREAM, REPLUG-LSR and InfoNCE alike; "
+                        "a table, compare.md, and plots in --out-dir")
+    parser.add_argument("--ablations", action="store_true", help="with --compare: all/random heads, tau, k")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool or isinstance(f.default, bool):
@@ -539,8 +826,8 @@ def parse_args(argv=None):
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default)
     args = parser.parse_args(argv)
-    if not args.toy and not args.small and not args.train_data:
-        parser.error("say what to train: --toy, --small, or --train-data FILE")
+    if not args.toy and not args.small and not args.compare and not args.train_data:
+        parser.error("say what to train: --toy, --small, --compare, or --train-data FILE")
     cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     return args, cfg
 
@@ -552,9 +839,11 @@ if __name__ == "__main__":
     if args.toy:
         before, after = train_toy()
         print(json.dumps({"top1_before": round(before, 4), "top1_after": round(after, 4)}))
+    elif args.compare:
+        compare(cfg, args.ablations)
     else:
         _, report = train(cfg)
         if not dist.is_initialized() or dist.get_rank() == 0:
-            print(json.dumps({"before": report["before"]["beir"], "after": report["after"]["beir"]}))
+            print(json.dumps({when: report[when]["beir"] for when in ("before", "after") if when in report}))
         if dist.is_initialized():
             dist.destroy_process_group()
