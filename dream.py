@@ -52,8 +52,7 @@ class DocBias:
     heads: dict          # layer index -> [H] float mask, 1.0 for a biased head
     reached: int = 0     # how many biased layers saw it (a model that drops kwargs is caught)
     attentions: dict = None  # layer -> [B, H, T, S] probabilities, when asked for
-    reference: bool = None   # True: by hand; False: torch's SDPA kernel; None: SDPA, but by hand
-                             # for a backward on a CPU (there the kernel's backward is slower)
+    reference: bool = False  # compute by hand even where torch's SDPA kernel gives the same result
 
 
 def dream_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -75,10 +74,7 @@ def dream_attention(module, query, key, value, attention_mask, scaling=None, dro
         attention_mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)
     # the DREAM bias, in the selected heads only: [B, 1, T, S] when every head is biased
     bias = dream.bias[:, None] if heads.all() else heads.to(dream.bias)[:, None, None] * dream.bias[:, None]
-    reference = dream.reference
-    if reference is None:  # auto: by hand only for a backward on a CPU, where bench.py measured
-        reference = query.device.type == "cpu" and torch.is_grad_enabled() and dream.bias.requires_grad
-    if not reference and dream.attentions is None:
+    if not dream.reference and dream.attentions is None:
         # the same sum as below, inside torch's fused kernel: mask and bias as one float mask
         # (added to the logits in fp32; no [T, S] probabilities kept for the backward)
         mask = (torch.where(attention_mask, bias, torch.finfo(query.dtype).min)
@@ -277,15 +273,14 @@ class PrefixCache(DynamicCache):
 
 
 def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_attentions=False,
-                   reference=None):
+                   reference=False):
     """Run the LM with the score bias; return its output with logits only where a target token
     is predicted (a flat [N, V] tensor, row order = batch order), not over the documents.
     output_attentions: out.attentions = {layer: [B, H, N, P + N] probabilities} of the biased
     layers; rows: the N suffix positions (query and target); columns: the P prefix positions
     (the documents; a shorter example's own suffix there is masked out), then the N suffix ones.
-    reference: True, biased layers use the hand-written attention; False, torch's SDPA kernel with
-    the bias as its float mask (the same numbers); None, SDPA except for a backward on a CPU,
-    where bench.py measured the training step 7% slower through it. output_attentions: by hand."""
+    reference: biased layers use the hand-written attention instead of torch's SDPA kernel with
+    the bias as its float mask (the same numbers, slower; output_attentions implies it)."""
     if lm.config._attn_implementation != "dream":
         raise ValueError("this LM has no score-biased attention: load it with load_frozen_lm() "
                          "or call prepare_lm(lm) first")
@@ -332,7 +327,7 @@ def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_atte
     return out
 
 
-def dream_loss(lm, batch, scores, heads="all", temperature=0.05, reduction="mean", reference=None):
+def dream_loss(lm, batch, scores, heads="all", temperature=0.05, reduction="mean", reference=False):
     """Next-token cross-entropy on the targets, with the attention biased by the scores [B, k].
 
     reduction="mean": the mean over examples of each example's mean over its target tokens;
