@@ -75,8 +75,8 @@ def dream_attention(module, query, key, value, attention_mask, scaling=None, dro
     # the DREAM bias, in the selected heads only: [B, 1, T, S] when every head is biased
     bias = dream.bias[:, None] if heads.all() else heads.to(dream.bias)[:, None, None] * dream.bias[:, None]
     if not dream.reference and dream.attentions is None:
-        # the same sum as below, inside torch's fused kernel: mask and bias as one float mask
-        # (added to the logits in fp32; no [T, S] probabilities kept for the backward)
+        # the same sum as below, inside torch's kernel: mask and bias as one float mask (the fused
+        # kernels add it to fp32 logits and keep no [T, S] probabilities for the backward)
         mask = (torch.where(attention_mask, bias, torch.finfo(query.dtype).min)
                 if attention_mask.dtype == torch.bool else attention_mask + bias)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.dtype),
@@ -254,6 +254,12 @@ def pack(tok, queries, docs, targets, max_doc_tokens=128):
 # 4. the DREAM loss
 
 
+def document_columns(spans, n):
+    """[B, k, n] bool: which of the first n positions are document i's (spans [B, k, 2])."""
+    pos = torch.arange(n, device=spans.device)
+    return (pos >= spans[..., 0:1]) & (pos < spans[..., 1:2])
+
+
 def doc_bias(scores, temperature):
     """b_i = log softmax(s/tau)_i + log k: zero for equal scores, sums of exp(b) to k."""
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
@@ -309,8 +315,7 @@ def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_atte
     predicts_target = torch.zeros_like(suffix_mask)
     predicts_target[:, :-1] = labels[:, 1:] != -100
     # the bias: b_i on the columns of document i, the same in every suffix row
-    pos = torch.arange(P + N, device=scores.device)
-    in_doc = (pos >= batch.spans[..., 0:1]) & (pos < batch.spans[..., 1:2])      # [B, k, P + N]
+    in_doc = document_columns(batch.spans, P + N)                                # [B, k, P + N]
     column = torch.where(in_doc, doc_bias(scores, temperature)[..., None], 0.0).sum(1)
     bias = column[:, None, :].expand(B, N, P + N)                                # [B, N, P + N]
     masks = resolve_heads(lm, heads)  # on the CPU: a layer asks whether all its heads are biased
@@ -506,23 +511,24 @@ def _read_sentence_transformers_config(name_or_path):
 
 
 @torch.no_grad()
-def document_attention(lm, batch):
-    """[L, H, B, k]: the attention each head pays from the query's tokens to each document (summed
-    over the document's tokens, averaged over the query's tokens), with the LM as it is."""
+def document_attention(lm, batch, scores=None, heads="all", temperature=0.05, rows="query"):
+    """[L', H, B, k]: the attention each head of the L' layers that heads selects pays to each
+    document (summed over its tokens), averaged over the rows: the query's tokens ("query"), or
+    the query's and the target's ("suffix"). scores: bias the LM with them (None: the LM as it is)."""
     B, k = batch.spans.shape[:2]
-    out = biased_forward(lm, batch, torch.zeros(B, k, device=batch.input_ids.device), heads="all",
-                         output_attentions=True)
+    scores = torch.zeros(B, k, device=batch.input_ids.device) if scores is None else scores
+    out = biased_forward(lm, batch, scores, heads, temperature, output_attentions=True)
     docs_end = batch.spans[:, -1, 1]
     P = int(docs_end.max())
-    query_rows = (batch.labels != -100).int().argmax(1) - docs_end          # [B]: rows before the target
+    end = (batch.labels != -100).int().argmax(1) if rows == "query" else batch.attention_mask.sum(1)
+    n_rows = end - docs_end                                                         # [B]
     N = next(iter(out.attentions.values())).shape[2]
-    is_query = (torch.arange(N, device=docs_end.device) < query_rows[:, None]).float()       # [B, N]
-    pos = torch.arange(P, device=docs_end.device)
-    in_doc = ((pos >= batch.spans[..., 0:1]) & (pos < batch.spans[..., 1:2])).float()      # [B, k, P]
+    is_row = (torch.arange(N, device=docs_end.device) < n_rows[:, None]).float()   # [B, N]
+    in_doc = document_columns(batch.spans, P).float()                             # [B, k, P]
     mass = []
     for layer in sorted(out.attentions):
         per_doc = out.attentions[layer][..., :P].float() @ in_doc.transpose(1, 2)[:, None]  # [B, H, N, k]
-        mass.append(torch.einsum("bhnk,bn->hbk", per_doc, is_query) / query_rows[:, None].float())
+        mass.append(torch.einsum("bhnk,bn->hbk", per_doc, is_row) / n_rows[:, None].float())
     return torch.stack(mass)
 
 

@@ -984,7 +984,7 @@ def test_compare_trains_every_method_and_writes_tables_and_plots(tmp_path, monke
                  out_dir=str(tmp_path / "cmp"), heads="auto", head_count=3, detection_questions=8, k=3,
                  steps=3, batch_size=2, lr=1e-3, warmup_steps=1, val_questions=10, val_loss_questions=4,
                  checkpoint_every=3, seed=0)
-    reports = train.compare(cfg, ablations=True, log=lambda *_: None)
+    reports = train.compare(cfg, ablations=list(train.ABLATIONS), log=lambda *_: None)
     text = (tmp_path / "cmp" / "compare.md").read_text()
     for row in ["start encoder", "BM25", "DREAM", "REPLUG-LSR", "InfoNCE (gold labels)", "DREAM, random heads",
                 "DREAM, all heads", "DREAM, tau 0.1", "DREAM, k 8"]:
@@ -998,4 +998,6 @@ def test_compare_trains_every_method_and_writes_tables_and_plots(tmp_path, monke
     assert {r["config"]["steps"] for n, r in reports.items() if n not in ("BM25", "start encoder")} == {3}
     # a second --compare reuses every finished run
     monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained again"))
-    train.compare(cfg, ablations=True, log=lambda *_: None)
+    train.compare(cfg, ablations=list(train.ABLATIONS), log=lambda *_: None)
+    with pytest.raises(ValueError, match="--ablations heads: choose from all_heads"):
+        train.compare(cfg, ablations=["heads"], log=lambda *_: None)

@@ -384,19 +384,12 @@ def attention_on_gold(lm, tok, retriever, questions, passages, doc_ids, cfg, dev
     for i in range(0, len(qs), cfg.batch_size):
         idx = range(i, min(i + cfg.batch_size, len(qs)))
         q, d, _ = examples(qs, passages, idx)
-        batch = lm_batch(tok, qs, doc_ids, idx, cfg).to(device)
-        out = dream.biased_forward(lm, batch, retriever.score(q, d), cfg.heads, cfg.temperature,
-                                   output_attentions=True)
-        P = int(batch.spans[:, -1, 1].max())
-        rows = torch.arange(out.attentions[next(iter(out.attentions))].shape[2], device=device)
-        real = rows[None] < (batch.attention_mask.sum(1) - batch.spans[:, -1, 1])[:, None]    # [B, N]
-        pos = torch.arange(P, device=device)
-        in_doc = ((pos >= batch.spans[..., 0:1]) & (pos < batch.spans[..., 1:2])).float()  # [B, k, P]
-        mass = sum((out.attentions[l][..., :P].float() @ in_doc.transpose(1, 2)[:, None])[:, heads[l].bool()]
-                   .mean(1) for l in heads) / len(heads)                                    # [B, N, k]
-        mass = (mass * real[..., None]).sum(1) / real.sum(1, keepdim=True)                  # [B, k]
-        g = torch.tensor([qs[j]["candidates"].index(qs[j]["gold"]) for j in idx], device=device)
-        is_gold = F.one_hot(g, mass.shape[1]).bool()
+        mass = dream.document_attention(lm, lm_batch(tok, qs, doc_ids, idx, cfg).to(device), retriever.score(q, d),
+                                        cfg.heads, cfg.temperature, rows="suffix")
+        # the mean over a layer's biased heads, then over the layers: [B, k]
+        mass = torch.stack([m[heads[layer].bool()].mean(0) for m, layer in zip(mass, sorted(heads))]).mean(0)
+        is_gold = torch.zeros_like(mass, dtype=torch.bool)
+        is_gold[range(len(idx)), [qs[j]["candidates"].index(qs[j]["gold"]) for j in idx]] = True
         gold += mass[is_gold].sum().item()
         other += (mass.masked_fill(is_gold, 0).sum(1) / (mass.shape[1] - 1)).sum().item()
     return gold / max(len(qs), 1), other / max(len(qs), 1)
@@ -671,14 +664,21 @@ def gather(items, world):
 # --compare: every method from the same start, on the same data, candidates and steps
 
 METHODS = [("DREAM", {}), ("REPLUG-LSR", {"loss": "replug"}), ("InfoNCE (gold labels)", {"loss": "infonce"})]
-ABLATIONS = [("DREAM, all heads", {"heads": "all"}), ("DREAM, random heads", {"heads": "random"}),
-             ("DREAM, tau 0.1", {"temperature": 0.1}), ("DREAM, k 8", {"k": 8})]
+ABLATIONS = {"all_heads": ("DREAM, all heads", {"heads": "all"}),
+             "random_heads": ("DREAM, random heads", {"heads": "random"}),
+             "tau": ("DREAM, tau 0.1", {"temperature": 0.1}),
+             "k": ("DREAM, k 8", {"k": 8})}
 
 
-def compare(cfg, ablations=False, log=print):
-    """Train DREAM, REPLUG-LSR and InfoNCE (and the ablations) with cfg's settings, each in its own
-    folder under cfg.out_dir; write compare.md (the tables), compare.json and two PNG plots.
-    A finished run is reused when its settings match, so a stopped --compare picks up where it was."""
+def compare(cfg, ablations=(), log=print):
+    """Train DREAM, REPLUG-LSR and InfoNCE (and the ablations named, keys of ABLATIONS) with cfg's
+    settings, each in its own folder under cfg.out_dir; write compare.md (the tables),
+    compare.json and two PNG plots. A finished run is reused when its settings match, so a
+    stopped --compare picks up where it was."""
+    unknown = set(ablations) - set(ABLATIONS)
+    if unknown:
+        raise ValueError(f"--ablations {','.join(sorted(unknown))}: choose from {','.join(ABLATIONS)}")
+    ablations = [ABLATIONS[a] for a in ablations]
     os.makedirs(cfg.out_dir, exist_ok=True)
     reports = {}
 
@@ -705,12 +705,12 @@ def compare(cfg, ablations=False, log=print):
     run("start encoder", steps=0, heads=heads)
     for name, changes in METHODS[1:]:
         run(name, **{"heads": heads, **changes})
-    for name, changes in ABLATIONS if ablations else []:  # chosen on the QA slice: no BEIR test set
+    for name, changes in ablations:  # settings are chosen on the QA slice: no BEIR test set here
         run(name, **{"heads": heads, "eval_data": "none", **changes})
     reports["BM25"] = bm25_rows(cfg)
     tables = [table([n for n in ["start encoder", "BM25"] + [m for m, _ in METHODS]], reports)]
     if ablations:
-        tables.append(table(["DREAM"] + [a for a, _ in ABLATIONS], reports))
+        tables.append(table(["DREAM"] + [a for a, _ in ablations], reports))
     text = "\n\n".join(tables) + f"\n\nheads (ranked on {cfg.detection_questions} training questions, " \
                                  f"{cfg.head_source}): {dream_run['heads']}\n"
     with open(os.path.join(cfg.out_dir, "compare.md"), "w") as f:
@@ -818,7 +818,8 @@ def parse_args(argv=None):
     parser.add_argument("--small", action="store_true", help="the laptop run: the Config defaults")
     parser.add_argument("--compare", action="store_true", help="train DREAM, REPLUG-LSR and InfoNCE alike; "
                         "a table, compare.md, and plots in --out-dir")
-    parser.add_argument("--ablations", action="store_true", help="with --compare: all/random heads, tau, k")
+    parser.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="",
+                        help=f"with --compare: these ablations, or all of them ({','.join(ABLATIONS)})")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool or isinstance(f.default, bool):
@@ -840,7 +841,7 @@ if __name__ == "__main__":
         before, after = train_toy()
         print(json.dumps({"top1_before": round(before, 4), "top1_after": round(after, 4)}))
     elif args.compare:
-        compare(cfg, args.ablations)
+        compare(cfg, [a for a in args.ablations.split(",") if a])
     else:
         _, report = train(cfg)
         if not dist.is_initialized() or dist.get_rank() == 0:
