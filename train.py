@@ -495,6 +495,19 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+def beir_folders(cfg, log):
+    """--eval-data as BEIR folders or names: none, a list, or <data_dir>/scifact (else downloaded)."""
+    if cfg.eval_data == "none":
+        return []
+    if cfg.eval_data:
+        return cfg.eval_data.split(",")
+    folder = os.path.join(cfg.data_dir, "scifact")
+    if not os.path.isdir(folder):
+        log(f"{folder} not found: SciFact will be downloaded (eval.py's cache)")
+        return ["scifact"]
+    return [folder]
+
+
 def evaluate_beir(retriever, folders, log):
     results = {}
     for folder in folders:
@@ -558,11 +571,7 @@ def train(cfg, log=print):
         dist.broadcast_object_list(chosen)  # ranked once, on rank 0
     cfg = dataclasses.replace(cfg, heads=chosen[0])
     dream.resolve_heads(lm, cfg.heads)
-    eval_folders = [] if cfg.eval_data == "none" else (
-        cfg.eval_data.split(",") if cfg.eval_data else [os.path.join(cfg.data_dir, "scifact")])
-    if not cfg.eval_data and not os.path.isdir(eval_folders[0]):
-        log(f"{eval_folders[0]} not found: SciFact will be downloaded (eval.py's cache)")
-        eval_folders = ["scifact"]
+    eval_folders = beir_folders(cfg, log)
     val_loss_qs = val_qs[:cfg.val_loss_questions]
 
     def evaluation():
@@ -730,9 +739,7 @@ def bm25_rows(cfg):
     judged = [i for i, q in enumerate(val_qs) if q["gold"] is not None]
     run = bm25_search({f"p{j}": p for j, p in enumerate(passages)}, {f"q{i}": val_qs[i]["query"] for i in judged})
     row = {"after": {"qa": evaluate({f"q{i}": {f"p{val_qs[i]['gold']}": 1} for i in judged}, run), "beir": {}}}
-    folders = [] if cfg.eval_data == "none" else (cfg.eval_data.split(",") if cfg.eval_data
-                                                   else [os.path.join(cfg.data_dir, "scifact")])
-    for folder in folders:
+    for folder in beir_folders(cfg, lambda *_: None):
         corpus, queries, qrels = load_beir(folder)
         row["after"]["beir"][os.path.basename(os.path.normpath(folder))] = evaluate(qrels, bm25_search(corpus, queries))
     return row
