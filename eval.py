@@ -3,19 +3,22 @@ Evaluate a retriever on BEIR datasets: exact dense search, optional BM25, BEIR's
 
     python eval.py --encoder NAME_OR_DIR --data DIR_OR_NAME [--data ...] [--split test]
                    [--out results.json] [--save-run run.tsv] [--bm25] [--batch-size 64]
+    python eval.py --bm25 --data DIR_OR_NAME [--data ...]      (BM25 alone, no encoder)
     torchrun --standalone --nproc_per_node=2 eval.py --encoder ... --data ...
 
 Under torchrun each process encodes one slice of the corpus (and of the queries) and they share
 the embeddings: the scores are one process's (up to rounding); only rank 0 prints and writes files.
 
---encoder  a hub name or a local folder (e.g. one written by dream.Retriever.save).
+--encoder  a hub name or a local folder (e.g. one written by dream.Retriever.save). Give
+           --encoder, --bm25 or both.
 --data     a folder in BEIR layout (below), or a bare BEIR name such as scifact or nfcorpus,
            downloaded once from the official BEIR release into ~/.cache/dream/beir/<name>
            (offline, with HF_HUB_OFFLINE=1, pass the folder instead).
 --bm25     also run BM25 (bm25s: Lucene scoring, k1=1.5, b=0.75, English stopwords, no stemming,
-           which gives BEIR's numbers: SciFact 0.662, BEIR paper 0.665), beside the encoder.
+           which gives BEIR's numbers: SciFact 0.662, BEIR paper 0.665), beside the encoder
+           or, without --encoder, alone.
 --out      JSON {dataset: {"ndcg@10", "recall@100", "mrr@10", "map@100"}} for the encoder;
-           with --bm25, BM25's metrics sit beside it under the key "<dataset>/bm25".
+           with --bm25, BM25's metrics sit beside it (or alone) under the key "<dataset>/bm25".
 --save-run TREC run file(s) "qid Q0 docid rank score tag". With more than one run to save, the
            result key goes before the extension: run.scifact.tsv, run.scifact.bm25.tsv.
 
@@ -25,10 +28,15 @@ as trec_eval orders them (by document id, descending). Document text is title + 
 
 From Python (e.g. the trainer):
 
-    from eval import load_beir, dense_search, bm25_search, evaluate, init_distributed
+    from eval import load_beir, dense_search, bm25_search, evaluate, paired_bootstrap, init_distributed
     corpus, queries, qrels = load_beir("../shared/data/scifact")
     print(evaluate(qrels, dense_search(retriever, corpus, queries)))
     bm25_search(list_of_passages, list_of_questions, top_k=20)  # {question i: {passage j: score}}
+
+    # is the encoder better than BM25 beyond chance? per-query nDCG@10, paired bootstrap
+    _, ours = evaluate(qrels, dense_search(retriever, corpus, queries), per_query=True)
+    _, bm25 = evaluate(qrels, bm25_search(corpus, queries), per_query=True)
+    print(paired_bootstrap(ours["ndcg@10"], bm25["ndcg@10"]))  # {"difference", "low", "high", "queries"}
 """
 import argparse
 import contextlib
@@ -45,6 +53,7 @@ import urllib.request
 import zipfile
 
 import bm25s
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -297,25 +306,74 @@ def ranked(docs):
     return sorted(docs, key=lambda d: (docs[d], d), reverse=True)
 
 
-def evaluate(qrels, run):
+def query_metrics(judged, docs):
+    """{"ndcg@10", "recall@100", "mrr@10", "map@100"} of one query: judged {doc id: relevance},
+    docs {doc id: score} (the query's own id already dropped). All 0 when nothing is relevant."""
+    gains = [max(judged.get(d, 0), 0) for d in ranked(docs)]  # relevance at each rank
+    ideal = sorted((r for r in judged.values() if r > 0), reverse=True)
+    if not ideal:
+        return dict.fromkeys(METRICS, 0.0)
+    dcg = lambda g: sum(gain / math.log2(rank + 2) for rank, gain in enumerate(g[:10]))
+    hits = [rank for rank, gain in enumerate(gains[:100]) if gain > 0]  # 0-based ranks
+    return {"ndcg@10": dcg(gains) / dcg(ideal),
+            "recall@100": len(hits) / len(ideal),
+            "mrr@10": 1 / (hits[0] + 1) if hits and hits[0] < 10 else 0.0,
+            "map@100": sum((n + 1) / (rank + 1) for n, rank in enumerate(hits)) / len(ideal)}
+
+
+def evaluate(qrels, run, per_query=False):
     """{"ndcg@10", "recall@100", "mrr@10", "map@100"}: means over the queries in qrels (a query
-    missing from the run scores 0). Relevance >= 1 is relevant; nDCG gains are the relevance."""
+    missing from the run scores 0). Relevance >= 1 is relevant; nDCG gains are the relevance.
+    per_query=True returns (means, {metric: {qid: value}}), with a value for every judged query,
+    e.g. for paired_bootstrap."""
     if not qrels:
         raise ValueError("evaluate: qrels is empty, there is no judged query to average over")
-    totals = dict.fromkeys(METRICS, 0.0)
+    totals, values = dict.fromkeys(METRICS, 0.0), {m: {} for m in METRICS}
     for qid, judged in qrels.items():
         docs = {d: s for d, s in run.get(qid, {}).items() if d != qid}
-        gains = [max(judged.get(d, 0), 0) for d in ranked(docs)]  # relevance at each rank
-        ideal = sorted((r for r in judged.values() if r > 0), reverse=True)
-        if not ideal:
-            continue  # no relevant document: every metric is 0
-        dcg = lambda g: sum(gain / math.log2(rank + 2) for rank, gain in enumerate(g[:10]))
-        hits = [rank for rank, gain in enumerate(gains[:100]) if gain > 0]  # 0-based ranks
-        totals["ndcg@10"] += dcg(gains) / dcg(ideal)
-        totals["recall@100"] += len(hits) / len(ideal)
-        totals["mrr@10"] += 1 / (hits[0] + 1) if hits and hits[0] < 10 else 0.0
-        totals["map@100"] += sum((n + 1) / (rank + 1) for n, rank in enumerate(hits)) / len(ideal)
-    return {m: total / len(qrels) for m, total in totals.items()}
+        for m, value in query_metrics(judged, docs).items():
+            totals[m] += value  # summed in qrels order, so the means are the per-query values' means
+            values[m][qid] = value
+    means = {m: total / len(qrels) for m, total in totals.items()}
+    return (means, values) if per_query else means
+
+
+def paired_bootstrap(a, b, resamples=10000, confidence=0.95, seed=0):
+    """Is system a better than b beyond chance? a, b: per-query values of both on the same queries,
+    dicts {qid: value} with the same keys (e.g. evaluate(..., per_query=True)[1]["ndcg@10"]) or
+    equal-length sequences. Resamples the queries with replacement and returns
+    {"difference": mean(a - b), "low", "high": the percentile interval of the resampled mean
+    difference at `confidence`, "queries": n}. The bounds are the lower and the higher of the two
+    values around each percentile (numpy's method="lower" and "higher"): on a discrete
+    distribution they are values the resampled mean actually takes, and the interval errs wide.
+    An interval that excludes 0 says a and b differ (at that confidence)."""
+    if isinstance(a, dict) or isinstance(b, dict):
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            raise ValueError("paired_bootstrap: pass a and b both as dicts {qid: value} or both as sequences")
+        if a.keys() != b.keys():
+            only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+            raise ValueError(f"paired_bootstrap: a and b must hold the same queries; only in a: "
+                             f"{only_a[:5]} ({len(only_a)}), only in b: {only_b[:5]} ({len(only_b)})")
+        a, b = list(a.values()), [b[q] for q in a]  # paired by qid
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"paired_bootstrap: a and b must be flat and of equal length, got shapes "
+                         f"{a.shape} and {b.shape}")
+    if not len(a):
+        raise ValueError("paired_bootstrap: a and b are empty, there is no query to resample")
+    if not 0 < confidence < 1 or resamples < 1:
+        raise ValueError(f"paired_bootstrap: need 0 < confidence < 1 and resamples >= 1, "
+                         f"got confidence={confidence}, resamples={resamples}")
+    diff, n = a - b, len(a)
+    rng = np.random.default_rng(seed)
+    step = max(1, 2 ** 20 // n)  # resamples per draw: about a million indices at a time
+    means = np.concatenate([diff[rng.integers(0, n, size=(min(step, resamples - i), n))].mean(axis=1)
+                            for i in range(0, resamples, step)])
+    tail = 100 * (1 - confidence) / 2
+    return {"difference": float(diff.mean()),
+            "low": float(np.percentile(means, tail, method="lower")),
+            "high": float(np.percentile(means, 100 - tail, method="higher")),
+            "queries": n}
 
 
 # -----------------------------------------------------------------------------
@@ -335,8 +393,9 @@ def run_file(path, key, several):
     return f"{root}.{key.replace('/', '.')}{ext}" if several else path
 
 
-def print_table(results, names, bm25):
-    systems = [("encoder", "")] + ([("BM25", "/bm25")] if bm25 else [])
+def print_table(results, names, encoder, bm25):
+    """One row per dataset, one group of METRICS columns per system (the encoder's, BM25's)."""
+    systems = [("encoder", "")] * encoder + [("BM25", "/bm25")] * bm25
     width = max(len("dataset"), *map(len, names))
     group = lambda cells: "  ".join(f"{c:>10}" for c in cells)
     print(f"{'':<{width}}" + "".join(f" | {label:<{10 * 4 + 6}}" for label, _ in systems))
@@ -348,14 +407,16 @@ def print_table(results, names, bm25):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument("--encoder", required=True, help="hub name or local folder")
+    parser.add_argument("--encoder", help="hub name or local folder (or leave out, with --bm25)")
     parser.add_argument("--data", action="append", required=True, help="BEIR folder or name (repeatable)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--out", help="write the metrics here as JSON")
     parser.add_argument("--save-run", help="write the run(s) here in TREC format")
-    parser.add_argument("--bm25", action="store_true", help="also evaluate BM25")
+    parser.add_argument("--bm25", action="store_true", help="evaluate BM25 (too, or alone)")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
+    if not args.encoder and not args.bm25:
+        parser.error("nothing to evaluate: give --encoder NAME_OR_DIR and/or --bm25")
 
     rank, world, device = init_distributed()
     master = rank == 0  # the one process that talks and writes files
@@ -370,10 +431,11 @@ def main():
             dist.barrier()
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
-    with quiet():
-        retriever = Retriever(args.encoder).to(device)
-    tag = os.path.basename(os.path.normpath(args.encoder))
-    several_runs = len(args.data) * (1 + args.bm25) > 1
+    if args.encoder:
+        with quiet():
+            retriever = Retriever(args.encoder).to(device)
+        tag = os.path.basename(os.path.normpath(args.encoder))
+    several_runs = len(args.data) * (bool(args.encoder) + args.bm25) > 1
     results, names = {}, []
     for data, folder in zip(args.data, folders):
         name = os.path.basename(os.path.normpath(data))
@@ -383,9 +445,11 @@ def main():
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
         log(f"{name}: {len(corpus)} documents, {len(queries)} {args.split} queries")
-        t0 = time.time()
-        runs = {name: dense_search(retriever, corpus, queries, batch_size=args.batch_size)}
-        log(f"{name}: encoded and searched in {time.time() - t0:.1f}s")
+        runs = {}
+        if args.encoder:
+            t0 = time.time()
+            runs[name] = dense_search(retriever, corpus, queries, batch_size=args.batch_size)
+            log(f"{name}: encoded and searched in {time.time() - t0:.1f}s")
         if not master:
             continue  # the encoding was shared; the rest is rank 0's
         if args.bm25:
@@ -397,7 +461,7 @@ def main():
                 save_run(run, run_file(args.save_run, key, several_runs), run_tag)
         names.append(name)
     if master:
-        print_table(results, names, args.bm25)
+        print_table(results, names, bool(args.encoder), args.bm25)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=2)
