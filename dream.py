@@ -278,15 +278,29 @@ class PrefixCache(DynamicCache):
         return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
 
 
+@torch.no_grad()
+def encode_prefix(lm, batch):
+    """The documents' keys and values, as a frozen PrefixCache. The bias never reaches the
+    documents, so this runs without grad, and can be kept and reused for the same batch."""
+    docs_end = batch.spans[:, -1, 1]
+    P = int(docs_end.max())
+    cache = PrefixCache()
+    lm(input_ids=batch.input_ids[:, :P], attention_mask=(torch.arange(P, device=docs_end.device)
+       < docs_end[:, None]).long(), cache=cache, use_cache=True, logits_to_keep=1)
+    cache.frozen = True
+    return cache
+
+
 def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_attentions=False,
-                   reference=False):
+                   reference=False, prefix=None):
     """Run the LM with the score bias; return its output with logits only where a target token
     is predicted (a flat [N, V] tensor, row order = batch order), not over the documents.
     output_attentions: out.attentions = {layer: [B, H, N, P + N] probabilities} of the biased
     layers; rows: the N suffix positions (query and target); columns: the P prefix positions
     (the documents; a shorter example's own suffix there is masked out), then the N suffix ones.
     reference: biased layers use the hand-written attention instead of torch's SDPA kernel with
-    the bias as its float mask (the same numbers, slower; output_attentions implies it)."""
+    the bias as its float mask (the same numbers, slower; output_attentions implies it).
+    prefix: encode_prefix(lm, batch), computed earlier (None: computed here)."""
     if lm.config._attn_implementation != "dream":
         raise ValueError("this LM has no score-biased attention: load it with load_frozen_lm() "
                          "or call prepare_lm(lm) first")
@@ -303,11 +317,10 @@ def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_atte
     docs_end, length = batch.spans[:, -1, 1], batch.attention_mask.sum(1)        # [B]
     P, N = int(docs_end.max()), int((length - docs_end).max())  # prefix and suffix lengths
     prefix_mask = torch.arange(P, device=docs_end.device) < docs_end[:, None]     # [B, P]
-    cache = PrefixCache()
-    with torch.no_grad():
-        lm(input_ids=batch.input_ids[:, :P], attention_mask=prefix_mask.long(), cache=cache,
-           use_cache=True, logits_to_keep=1)
-    cache.frozen = True
+    cache = encode_prefix(lm, batch) if prefix is None else prefix
+    if (cache.layers[0].keys.shape[0], cache.get_seq_length()) != (B, P):
+        raise ValueError(f"prefix holds {cache.layers[0].keys.shape[0]} examples of {cache.get_seq_length()} "
+                         f"positions, the batch {B} of {P}: it was encoded from another batch")
     where = docs_end[:, None] + torch.arange(N, device=docs_end.device)           # [B, N] positions
     suffix_mask = where < length[:, None]
     where = where.clamp(max=batch.input_ids.shape[1] - 1)
@@ -332,14 +345,15 @@ def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_atte
     return out
 
 
-def dream_loss(lm, batch, scores, heads="all", temperature=0.05, reduction="mean", reference=False):
+def dream_loss(lm, batch, scores, heads="all", temperature=0.05, reduction="mean", reference=False,
+               prefix=None):
     """Next-token cross-entropy on the targets, with the attention biased by the scores [B, k].
 
     reduction="mean": the mean over examples of each example's mean over its target tokens;
-    "none": that per-example loss, shape [B]. reference: see biased_forward."""
+    "none": that per-example loss, shape [B]. reference, prefix: see biased_forward."""
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction={reduction!r}: choose 'mean' or 'none'")
-    logits = biased_forward(lm, batch, scores, heads, temperature, reference=reference).logits
+    logits = biased_forward(lm, batch, scores, heads, temperature, reference=reference, prefix=prefix).logits
     targets = batch.labels[:, 1:]
     is_target = targets != -100
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -348,6 +362,29 @@ def dream_loss(lm, batch, scores, heads="all", temperature=0.05, reduction="mean
     per_example = nll.new_zeros(len(targets)).index_add(0, example, nll)
     per_example = per_example / is_target.sum(1)
     return per_example.mean() if reduction == "mean" else per_example
+
+
+def probe(lm, batch, scores, useful, heads="all", temperature=0.05, focus=5.0, prefix=None):
+    """What the training signal says about each example's useful document (useful: [B] indices
+    among its k), at the given scores [B, k]. Returns [B] tensors:
+      raise:   the first-order change of p(useful) = softmax(s/tau)[useful] along a unit step of
+               descent on the DREAM loss (> 0: the step pulls the useful document up)
+      favours: the document whose score the descent step raises most
+      focused: the document whose bias focused on it (s/tau = focus there, 0 elsewhere) gives the
+               lowest loss: where the LM itself would look"""
+    B, k = scores.shape
+    prefix = encode_prefix(lm, batch) if prefix is None else prefix
+    s = scores.detach().float().requires_grad_()
+    grad, = torch.autograd.grad(dream_loss(lm, batch, s, heads, temperature, prefix=prefix), s)
+    p = F.softmax(s.detach() / temperature, -1)
+    p_useful = p.gather(1, useful[:, None])[:, 0]
+    # d p_u / d s = p_u (e_u - p) / tau, dotted with the unit descent direction -grad / |grad|
+    slope = -(grad.gather(1, useful[:, None])[:, 0] - (p * grad).sum(1)) * p_useful / temperature
+    with torch.no_grad():
+        focused = torch.stack([dream_loss(lm, batch, temperature * focus * F.one_hot(torch.full((B,), i), k).to(s),
+                                          heads, temperature, reduction="none", prefix=prefix) for i in range(k)], 1)
+    return {"raise": slope / grad.norm(dim=1).clamp(min=1e-30), "favours": (-grad).argmax(1),
+            "focused": focused.argmin(1)}
 
 
 # -----------------------------------------------------------------------------

@@ -10,12 +10,14 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import zipfile
 import zlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import (BertConfig, BertLMHeadModel, BertModel, GPT2Config, GPT2LMHeadModel,
                           LlamaConfig, LlamaForCausalLM, LlamaModel)
 
@@ -382,7 +384,7 @@ def tiny_training_setup(tmp_path):
             f.write(json.dumps({"text": d}) + "\n")
     return Config(lm=str(lm_dir), encoder=str(enc_dir), train_data=str(tmp_path / "qa.jsonl"),
                   corpus=str(tmp_path / "passages.jsonl"), eval_data="none", out_dir=str(tmp_path / "run"),
-                  heads="all", k=2, steps=6, batch_size=2, lr=1e-3, warmup_steps=2, val_questions=2,
+                  heads="all", k=2, steps=6, batch_size=2, lr=1e-3, warmup_steps=2, dev_questions=2, test_questions=2,
                   checkpoint_every=3, seed=0)
 
 
@@ -432,12 +434,12 @@ def test_training_data_errors_name_the_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "q1", "target": "v1"}\n{"query": oops}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl, line 2: malformed JSON"):
-        train.load_questions(dataclasses.replace(cfg, train_data=str(bad)), log=lambda *_: None)
+        train.load_questions(dataclasses.replace(cfg, train_data=str(bad)), TOK, log=lambda *_: None)
     with pytest.raises(FileNotFoundError, match=r"missing.jsonl not found: --train-data takes"):
-        train.load_questions(dataclasses.replace(cfg, train_data=str(tmp_path / "missing.jsonl")),
+        train.load_questions(dataclasses.replace(cfg, train_data=str(tmp_path / "missing.jsonl")), TOK,
                              log=lambda *_: None)
     with pytest.raises(ValueError, match="give --corpus"):
-        train.load_questions(dataclasses.replace(cfg, corpus=""), log=lambda *_: None)
+        train.load_questions(dataclasses.replace(cfg, corpus=""), TOK, log=lambda *_: None)
 
 
 # -----------------------------------------------------------------------------
@@ -651,6 +653,84 @@ def test_command_line_writes_table_json_and_runs(tmp_path, monkeypatch, capsys):
     assert len((tmp_path / "run.toyset.tsv").read_text().splitlines()) == 2 * 3
 
 
+def test_per_query_metrics_average_to_the_means():
+    qrels = {"q1": {"a": 1, "b": 0}, "q2": {"a": 2, "c": 1},
+             "q3": {"a": 1},  # judged, missing from the run: scores 0
+             "q4": {"x": 0}}  # judged, nothing relevant: scores 0
+    run = {"q1": {"b": 0.9, "a": 0.5}, "q2": {"c": 0.9, "z": 0.8, "a": 0.1}, "unjudged": {"a": 1.0}}
+    means, values = beir_eval.evaluate(qrels, run, per_query=True)
+    assert means == beir_eval.evaluate(qrels, run)  # the same means, to the bit
+    assert set(values) == set(beir_eval.METRICS)
+    assert all(set(v) == set(qrels) for v in values.values())  # every judged query, no other
+    assert values["mrr@10"] == {"q1": 0.5, "q2": 1.0, "q3": 0.0, "q4": 0.0}
+    assert values["map@100"]["q2"] == pytest.approx((1 / 1 + 2 / 3) / 2)  # hits at ranks 1 and 3
+    # q2: gains 1, 0, 2 against the ideal 2, 1
+    assert values["ndcg@10"]["q2"] == pytest.approx((1 + 2 / 2) / (2 + 1 / math.log2(3)))
+    for metric in beir_eval.METRICS:
+        assert sum(values[metric].values()) / len(qrels) == pytest.approx(means[metric], abs=1e-12)
+
+
+def test_paired_bootstrap_matches_the_exact_distribution():
+    # differences 0, 0, 0, 1: a resample's mean is Binomial(4, 1/4) / 4
+    p = {k / 4: math.comb(4, k) * 0.25 ** k * 0.75 ** (4 - k) for k in range(5)}
+    cdf = lambda x: sum(pk for v, pk in p.items() if v <= x)
+    assert cdf(0) == pytest.approx(0.3164, abs=1e-4)  # >= 0.025: the 2.5th percentile is 0
+    assert cdf(0.5) == pytest.approx(0.9492, abs=1e-4)  # < 0.975 <= cdf(0.75): the 97.5th is 0.75
+    assert cdf(0.75) == pytest.approx(0.9961, abs=1e-4)
+    result = beir_eval.paired_bootstrap([0, 0, 0, 1], [0, 0, 0, 0], resamples=20000)
+    assert result == {"difference": 0.25, "low": 0.0, "high": 0.75, "queries": 4}
+    assert beir_eval.paired_bootstrap([0, 0, 0, 1], [0] * 4, seed=3) == \
+        beir_eval.paired_bootstrap([0, 0, 0, 1], [0] * 4, seed=3)  # seeded: repeatable
+    # with few resamples interpolating would fall between means; the bounds are means taken
+    small = [beir_eval.paired_bootstrap([0, 1], [0, 0], resamples=3, seed=s) for s in range(20)]
+    assert all({r["low"], r["high"]} <= {0.0, 0.5, 1.0} for r in small)
+    assert any(r["low"] < r["high"] for r in small)
+
+
+def test_paired_bootstrap_pairs_dicts_by_query_and_checks_its_input():
+    a = {"q1": 1.5, "q2": 0.75, "q3": 0.5}
+    b = {"q3": 0.0, "q1": 1.0, "q2": 0.25}  # another order: paired by qid, not by position
+    result = beir_eval.paired_bootstrap(a, b, resamples=500)
+    assert result == {"difference": 0.5, "low": 0.5, "high": 0.5, "queries": 3}  # a constant difference
+    with pytest.raises(ValueError, match=r"only in a: \['q3'\].*only in b: \['q9'\]"):
+        beir_eval.paired_bootstrap(a, {"q1": 1.0, "q2": 0.25, "q9": 0.0})
+    with pytest.raises(ValueError, match="equal length"):
+        beir_eval.paired_bootstrap([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="empty"):
+        beir_eval.paired_bootstrap({}, {})
+    with pytest.raises(ValueError, match="both as dicts"):
+        beir_eval.paired_bootstrap(a, [1.0, 0.25, 0.0])
+
+
+def test_command_line_scores_bm25_alone(tmp_path, monkeypatch, capsys):
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("no --encoder was given, yet an encoder was loaded")
+    monkeypatch.setattr(beir_eval, "Retriever", no_encoder)
+    data = write_beir(tmp_path / "toyset", CORPUS, QUERIES, QRELS)
+    out, runs = tmp_path / "results.json", tmp_path / "run.tsv"
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--bm25", "--data", data,
+                                      "--out", str(out), "--save-run", str(runs)])
+    beir_eval.main()
+    results = json.loads(out.read_text())
+    assert set(results) == {"toyset/bm25"}
+    assert set(results["toyset/bm25"]) == set(beir_eval.METRICS)
+    assert results["toyset/bm25"]["mrr@10"] == 1.0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 3 and "BM25" in table[0] and "encoder" not in table[0]
+    assert table[2].split()[0] == "toyset" and "1.0000" in table[2]
+    lines = runs.read_text().splitlines()  # one run: the path itself
+    assert lines[0].split()[:4] == ["q1", "Q0", "d1", "1"] and lines[0].endswith(" bm25")
+
+
+def test_command_line_without_encoder_or_bm25_is_an_error(tmp_path, monkeypatch, capsys):
+    data = write_beir(tmp_path / "toyset", CORPUS, QUERIES, QRELS)
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--data", data])
+    with pytest.raises(SystemExit) as stopped:
+        beir_eval.main()
+    assert stopped.value.code == 2
+    assert "give --encoder NAME_OR_DIR and/or --bm25" in capsys.readouterr().err
+
+
 def test_retriever_refuses_sentence_transformers_modules_it_cannot_reproduce(tmp_path):
     saved = str(tmp_path / "saved")
     dream.Retriever(tiny_encoder_folder(tmp_path)).save(saved)
@@ -832,7 +912,7 @@ def test_torchrun_two_processes_train_as_one(tmp_path):
     json.dump(config, open(config_file, "w"))
     # Adam turns float noise in a near-zero gradient (a different summation order) into up to
     # lr * noise / eps of weight: 1.4e-5 at lr 1e-3, 1.4e-6 at lr 1e-4. the steps stay 100x that
-    cfg = dataclasses.replace(cfg, steps=3, batch_size=4, checkpoint_every=3, val_questions=3, lr=1e-4)
+    cfg = dataclasses.replace(cfg, steps=3, batch_size=4, checkpoint_every=3, dev_questions=3, lr=1e-4)
     _, one = train.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "one")), log=lambda *_: None)
     two_dir = tmp_path / "two"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -903,7 +983,6 @@ def test_rank_heads_scores_by_calibrated_mass(monkeypatch):
     assert dream.top_heads(scores, 2) in ("0-0,0-2", "0-2,0-0")
 
 
-import torch.nn.functional as F  # noqa: E402 (used by the tests below)
 
 
 @pytest.fixture(scope="module")
@@ -973,7 +1052,7 @@ def test_replug_matches_the_lm_per_document_and_pulls_every_candidate(tmp_path):
     assert (scores.grad != 0).all()  # every candidate's score is pulled, not only the last one's
 
 
-def test_compare_trains_every_method_and_writes_tables_and_plots(tmp_path, monkeypatch):
+def test_compare_runs_the_grid_chooses_on_dev_and_writes_intervals(tmp_path, monkeypatch):
     import train
     from train import Config
     lm_dir, enc_dir = tmp_path / "lm", tmp_path / "enc"
@@ -981,23 +1060,142 @@ def test_compare_trains_every_method_and_writes_tables_and_plots(tmp_path, monke
     TOK.save_pretrained(lm_dir)
     WORLD.fresh_retriever(enc_dir)
     cfg = Config(lm=str(lm_dir), encoder=str(enc_dir), train_data=tiny_squad(tmp_path), eval_data="none",
-                 out_dir=str(tmp_path / "cmp"), heads="auto", head_count=3, detection_questions=8, k=3,
-                 steps=3, batch_size=2, lr=1e-3, warmup_steps=1, val_questions=10, val_loss_questions=4,
-                 checkpoint_every=3, seed=0)
-    reports = train.compare(cfg, ablations=list(train.ABLATIONS), log=lambda *_: None)
+                 out_dir=str(tmp_path / "cmp"), heads="all", head_count=3, detection_questions=8, k=3,
+                 steps=3, batch_size=2, warmup_steps=1, dev_questions=10, test_questions=10, val_loss_questions=4,
+                 health_every=2, checkpoint_every=3, seed=0, grid_lr="1e-3,1e-4", grid_temperature="0.05,0.2")
+    final = train.compare(cfg, ablations=list(train.ABLATIONS), log=lambda *_: None)
     text = (tmp_path / "cmp" / "compare.md").read_text()
-    for row in ["start encoder", "BM25", "DREAM", "REPLUG-LSR", "InfoNCE (gold labels)", "DREAM, random heads",
-                "DREAM, all heads", "DREAM, tau 0.1", "DREAM, k 8"]:
+    grid = json.loads((tmp_path / "cmp" / "compare.json").read_text())["grid"]
+    assert len(grid) == 2 * 2 + 2 * 2 + 2  # lr x tau for DREAM and REPLUG-LSR, lr for InfoNCE
+    best = json.loads((tmp_path / "cmp" / "compare.json").read_text())["best"]
+    for name in train.METHODS:  # the best is the highest QA dev nDCG@10 of the method's grid runs
+        assert grid[best[name]]["qa"]["dev"]["ndcg@10"] == max(
+            g["qa"]["dev"]["ndcg@10"] for g in grid.values() if g["method"] == name)
+        assert f"| {name} |" in text
+    assert len(final["DREAM"]) == len(final["REPLUG-LSR"]) == 2 and len(final["InfoNCE (gold labels)"]) == 1
+    assert {r["config"]["seed"] for r in final["DREAM"]} == {0, 1}
+    assert "| start encoder |" in text and "| BM25 |" in text and "| DREAM | mean |" in text
+    assert re.search(r"\| DREAM \| 0 \| [01]\.\d{4} \| [+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]", text)
+    for row in ["DREAM, 16 ranked heads", "DREAM, 16 random heads", "DREAM, question-normalised gradient", "DREAM, k 8"]:
         assert f"| {row} |" in text, row
+    assert (tmp_path / "cmp" / "health.png").stat().st_size > 1000
     assert (tmp_path / "cmp" / "loss.png").stat().st_size > 1000
-    assert (tmp_path / "cmp" / "attention.png").stat().st_size > 1000
-    heads = reports["DREAM"]["heads"].split(",")
-    assert len(heads) == 3 == len(set(heads)) and reports["REPLUG-LSR"]["heads"] == reports["DREAM"]["heads"]
-    assert reports["DREAM, random heads"]["heads"] != reports["DREAM"]["heads"]
-    assert reports["DREAM, all heads"]["heads"] == "all"
-    assert {r["config"]["steps"] for n, r in reports.items() if n not in ("BM25", "start encoder")} == {3}
     # a second --compare reuses every finished run
     monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained again"))
     train.compare(cfg, ablations=list(train.ABLATIONS), log=lambda *_: None)
-    with pytest.raises(ValueError, match="--ablations heads: choose from all_heads"):
+    with pytest.raises(ValueError, match="--ablations heads: choose from ranked_heads"):
         train.compare(cfg, ablations=["heads"], log=lambda *_: None)
+
+
+# -----------------------------------------------------------------------------
+# the signal probe, passages the LM reads whole, the prefix store, per-question normalisation
+
+
+def test_probe_on_the_copying_lm_finds_the_document_the_lm_reads(copying_lm):
+    queries, docs, targets, gold = WORLD.examples(48)  # the target is the gold document's value
+    batch = dream.pack(TOK, queries, docs, targets)
+    out = dream.probe(copying_lm, batch, torch.zeros(48, WORLD.k), gold)
+    assert (out["raise"] > 0).float().mean() >= 0.9
+    assert (out["favours"] == gold).float().mean() >= 0.9
+    assert (out["focused"] == gold).float().mean() >= 0.9
+    # at scores that favour a wrong document, the step still pulls the gold up
+    wrong = torch.where(gold == 0, 1, 0)
+    out = dream.probe(copying_lm, batch, 0.05 * F.one_hot(wrong, WORLD.k).float(), gold)
+    assert (out["raise"] > 0).float().mean() >= 0.9
+
+
+def test_probe_raise_is_the_change_of_p_useful_along_a_unit_descent_step():
+    lm = dream.prepare_lm(tiny_lm("llama"))
+    batch = dream.pack(TOK, *toy_batch())
+    scores, useful = torch.tensor([[0.3, -0.2, 0.1], [0.0, 0.4, -0.1], [0.2, 0.2, 0.0]]), torch.tensor([2, 0, 1])
+    out = dream.probe(lm, batch, scores, useful, temperature=0.5)
+    s = scores.clone().requires_grad_()
+    grad, = torch.autograd.grad(dream.dream_loss(lm, batch, s, temperature=0.5), s)
+    step = -grad / grad.norm(dim=1, keepdim=True)
+    p = lambda x: F.softmax(x / 0.5, -1).gather(1, useful[:, None])[:, 0]
+    eps = 1e-3
+    finite = (p(scores + eps * step) - p(scores - eps * step)) / (2 * eps)
+    torch.testing.assert_close(out["raise"], finite, atol=1e-5, rtol=1e-3)
+    assert torch.equal(out["favours"], step.argmax(1))
+
+
+def test_probe_command_prints_a_table_and_one_json_line(tmp_path, capsys):
+    import train
+    from train import Config
+    lm_dir, enc_dir = tmp_path / "lm", tmp_path / "enc"
+    WORLD.copying_lm(steps=50).save_pretrained(lm_dir)
+    TOK.save_pretrained(lm_dir)
+    WORLD.fresh_retriever(enc_dir)
+    cfg = Config(lm=str(lm_dir), encoder=str(enc_dir), train_data=tiny_squad(tmp_path), eval_data="none",
+                 out_dir=str(tmp_path / "probe"), heads="all", k=3, dev_questions=10, test_questions=10,
+                 probe_questions=6, batch_size=4, seed=0)
+    lines = []
+    result = train.signal_probe(cfg, log=lines.append)
+    assert "| a descent step raises p(gold) |" in lines[-1] and "| REPLUG-LSR" in lines[-1]
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == json.loads((tmp_path / "probe" / "probe.json").read_text()) == result
+    assert 1 <= result["questions"] <= 6 and result["chance_first"] == 1 / 3
+    for key in ("equal_raises_gold", "own_raises_gold", "focus_on_gold_lowest_loss", "replug_ranks_gold_first"):
+        assert 0 <= result[key] <= 1
+
+
+def test_passages_keep_every_answer_inside_and_refuse_an_empty_paragraph():
+    import train
+    count = lambda text: len(text.split())
+    context = ("The first sentence is short. The second one, however, runs on for quite a few more words! "
+               "Is this the third? " + " ".join(f"w{i}" for i in range(30)) + ". The end.")
+    spans = train.split_paragraph(context, count, max_tokens=12)
+    assert all(count(context[a:b]) <= 12 for a, b in spans)
+    assert " ".join(context[a:b].strip() for a, b in spans).split() == context.split()  # nothing lost
+    assert context[spans[0][0]:spans[0][1]].strip() == "The first sentence is short."
+    rows = [{"id": str(i), "title": "t", "context": context, "question": f"q{i}",
+             "answers": {"text": [a], "answer_start": [context.index(a)]}}
+            for i, a in enumerate(["second one", "third", "w3 w4", "w10 w11 w12", "The end"])]
+    questions, passages = train.squad_passages(rows, count, 12, "data.jsonl", log=lambda *_: None)
+    for q in questions:
+        assert q["target"] in passages[q["gold"]]
+    # the 30-word sentence is cut after w11: "w10 w11 w12" crosses the cut and is dropped
+    assert [q["target"] for q in questions] == ["second one", "third", "w3 w4", "The end"]
+    rows.append({"id": "x", "title": "t", "context": "  ", "question": "q", "answers": {"text": ["a"]}})
+    with pytest.raises(ValueError, match=r"data.jsonl, row 6 \(id x\): the context is empty"):
+        train.squad_passages(rows, count, 12, "data.jsonl", log=lambda *_: None)
+
+
+def test_prefix_store_gives_the_loss_and_gradient_of_a_fresh_prefix():
+    import train
+    lm = dream.prepare_lm(tiny_lm("llama"))
+    queries, docs, targets = toy_batch()
+    store = train.PrefixStore()
+    full = dream.pack(TOK, queries, docs, targets)
+    store(lm, full, [tuple(d) for d in docs], max_gb=1)  # every example stored
+    pair = dream.pack(TOK, queries[1:], docs[1:], targets[1:])  # reassembled in another batch
+    for batch, keys in ((full, docs), (pair, docs[1:])):
+        s = torch.randn(len(keys), 3, requires_grad=True)
+        cached = dream.dream_loss(lm, batch, s, prefix=store(lm, batch, [tuple(d) for d in keys], max_gb=1))
+        g_cached, = torch.autograd.grad(cached, s)
+        fresh = dream.dream_loss(lm, batch, s)
+        g_fresh, = torch.autograd.grad(fresh, s)
+        assert abs(cached.item() - fresh.item()) <= 1e-6
+        torch.testing.assert_close(g_cached, g_fresh, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="prefix holds"):
+        dream.dream_loss(lm, pair, torch.zeros(2, 3), prefix=dream.encode_prefix(lm, full))
+
+
+def test_question_normalised_dream_gives_every_question_a_unit_gradient(tmp_path):
+    import train
+    cfg = dataclasses.replace(tiny_training_setup(tmp_path), k=3, normalize="question")
+    lm = dream.prepare_lm(tiny_lm("llama"))
+    queries, docs, targets = toy_batch()
+    questions = [{"query": q, "target": y, "candidates": [3 * b + i for i in range(3)], "gold": None}
+                 for b, (q, y) in enumerate(zip(queries, targets))]
+    doc_ids = {3 * b + i: TOK(d, add_special_tokens=False)["input_ids"] for b, ds in enumerate(docs)
+               for i, d in enumerate(ds)}
+    passages = {j: "" for j in doc_ids}
+    scores = torch.tensor([[0.1, 0.0, -0.1], [0.2, 0.3, 0.0], [0.0, 0.0, 0.1]], requires_grad=True)
+    loss, _ = train.step_loss(cfg, lm, TOK, lambda q, d: scores * 1.0, questions, passages, doc_ids, [0, 1, 2], "cpu")
+    loss.backward()
+    plain = scores.detach().requires_grad_()
+    want = dream.dream_loss(lm, dream.pack(TOK, queries, docs, targets), plain)
+    assert abs(loss.item() - want.item()) <= 1e-6  # the value is the DREAM loss
+    g, = torch.autograd.grad(want, plain)
+    torch.testing.assert_close(scores.grad, g / g.norm(dim=1, keepdim=True) / 3)  # its direction, unit per question

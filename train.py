@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, P
 
 import dream
 from eval import (bm25_search, dense_search, evaluate, find_file, ids_and_texts, init_distributed, load_beir,
-                  read_json_lines, read_jsonl)
+                  paired_bootstrap, read_json_lines, read_jsonl)
 
 # -----------------------------------------------------------------------------
 # the toy world
@@ -164,18 +165,30 @@ class Config:
     gradient_checkpointing: bool = False  # recompute the frozen LM's layers in the backward: less memory
     temperature: float = 0.05
     k: int = 4                  # candidates per question (BM25 top-k)
-    max_doc_tokens: int = 96
+    max_doc_tokens: int = 64    # a passage is whole sentences of at most this many LM tokens
     steps: int = 100
     batch_size: int = 4
     lr: float = 3e-5
     warmup_steps: int = 6
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    val_questions: int = 32     # held out by article, never trained on: retrieval over the pool
-    val_loss_questions: int = 32  # of those, how many the validation loss and attention are measured on
+    normalize: str = "none"     # dream: none, or question (each question's gradient on its k scores
+                                # scaled to unit length: every question one vote)
+    dev_questions: int = 1000   # held out by whole articles, never trained on: settings are chosen here
+    test_questions: int = 1000  # held out likewise (other articles): reported, never used to choose
+    val_loss_questions: int = 32  # dev questions the validation loss and attention are measured on
+    health_every: int = 25      # every N steps, QA dev nDCG@10 of health_questions over health_pool
+    health_questions: int = 200  # passages (their candidates, their gold and a random sample); 0 = off
+    health_pool: int = 2000
+    prefix_cache_gb: float = 8.0  # the frozen LM's keys/values of each question's documents, kept
+    probe_questions: int = 64   # --probe: dev questions whose gold passage is among their candidates
+    grid_lr: str = "3e-5,1e-4,3e-4"   # --compare: every method tries these on QA dev
+    grid_temperature: str = "0.05,0.2"  # --compare: and DREAM and REPLUG-LSR these
+    seeds: int = 2              # --compare: DREAM and REPLUG-LSR at their best settings, this many seeds
     evaluate_before: bool = True  # evaluate the start encoder too
     checkpoint_every: int = 25
-    seed: int = 1337
+    seed: int = 1337            # the retriever's dropout and the order of training questions
+    data_seed: int = 1337       # the dev/test split and the candidates' order: the same for every --seed
     resume: bool = False
 
 
@@ -236,14 +249,17 @@ def read_json_rows(path):
             raise ValueError(f"{path}, line {e.lineno}: malformed JSON ({e.msg})") from None
     if isinstance(data, dict) and "data" in data:  # the original SQuAD nesting
         return [{"id": qa["id"], "title": art["title"], "context": par["context"], "question": qa["question"],
-                 "answers": {"text": [a["text"] for a in qa["answers"]]}}
+                 "answers": {"text": [a["text"] for a in qa["answers"]],
+                             "answer_start": [a["answer_start"] for a in qa["answers"]]}}
                 for art in data["data"] for par in art["paragraphs"] for qa in par["qas"]]
     return data
 
 
-def load_questions(cfg, log):
+def load_questions(cfg, tok, log):
     """questions: list of dicts {query, target, group, gold}; passages: list of strings.
-    gold is the index of the question's own paragraph when the data has one (monitoring only)."""
+    SQuAD-schema data: each paragraph is cut into passages of whole sentences that fit
+    max_doc_tokens of the LM (the retriever scores exactly what the LM reads); gold is the
+    passage holding the answer span. {query, target} data: gold is None."""
     path = cfg.train_data or os.path.join(cfg.data_dir, "squad", "train.jsonl.gz")
     if not cfg.train_data and not os.path.exists(path):
         log(f"{path} not found (set --data-dir or DREAM_DATA): using SQuAD from the hub")
@@ -254,11 +270,9 @@ def load_questions(cfg, log):
         rows = read_json_rows(path)
     if not rows:
         raise ValueError(f"{path}: no questions")
-    if "context" in rows[0]:  # SQuAD schema: the paragraphs are the pool
-        passages = list(dict.fromkeys(r["context"] for r in rows))
-        index = {p: i for i, p in enumerate(passages)}
-        questions = [{"query": r["question"], "target": r["answers"]["text"][0], "group": r["title"],
-                      "gold": index[r["context"]]} for r in rows if r["answers"]["text"]]
+    if "context" in rows[0]:  # SQuAD schema
+        questions, passages = squad_passages(rows, lambda text: len(tok(text, add_special_tokens=False)["input_ids"]),
+                                             cfg.max_doc_tokens, path, log)
     elif "query" in rows[0] and "target" in rows[0]:
         if not cfg.corpus:
             raise ValueError(f"{path} holds {{query, target}} rows: give --corpus (a BEIR folder or a JSONL "
@@ -268,6 +282,10 @@ def load_questions(cfg, log):
         else:
             corpus = {str(i): row for i, row in enumerate(read_json_rows(cfg.corpus))}
         passages = ids_and_texts(corpus)[1]
+        # the retriever scores what the LM reads: a passage longer than max_doc_tokens is cut for both
+        ids = tok(passages, add_special_tokens=False)["input_ids"]
+        passages = [tok.decode(t[:cfg.max_doc_tokens]) if len(t) > cfg.max_doc_tokens else p
+                    for p, t in zip(passages, ids)]
         questions = [{"query": r["query"], "target": r["target"], "group": r.get("group", i), "gold": None}
                      for i, r in enumerate(rows)]
     else:
@@ -276,6 +294,74 @@ def load_questions(cfg, log):
     if not passages:
         raise ValueError("the passage pool is empty")
     log(f"{len(questions):,} questions over {len(passages):,} passages from {path}")
+    return questions, passages
+
+
+def sentence_spans(text):
+    """(start, end) of each sentence: a cut after . ! or ? and the whitespace that follows."""
+    cuts = [m.end() for m in re.finditer(r"[.!?][\"')\]]*\s+", text)]
+    return [(a, b) for a, b in zip([0] + cuts, cuts + [len(text)]) if text[a:b].strip()]
+
+
+def split_paragraph(text, count, max_tokens):
+    """Passages of whole sentences, as many as fit max_tokens (count(text) -> tokens), as (start, end)
+    spans of text; a sentence longer than that alone is cut between words."""
+    pieces = []
+    for a, b in sentence_spans(text):
+        if count(text[a:b].strip()) <= max_tokens:
+            pieces.append((a, b))
+            continue
+        words = [(m.start(), m.end()) for m in re.finditer(r"\S+\s*", text[a:b])]
+        start = 0
+        for i in range(1, len(words) + 1):  # close a piece before the word that would not fit
+            if i < len(words) and count(text[a + words[start][0]:a + words[i][1]].strip()) > max_tokens:
+                pieces.append((a + words[start][0], a + words[i - 1][1]))
+                start = i
+        pieces.append((a + words[start][0], b))
+    passages, start, end = [], None, None
+    for a, b in pieces:  # greedy: add sentences while the passage still fits
+        if start is not None and count(text[start:b].strip()) <= max_tokens:
+            end = b
+        else:
+            if start is not None:
+                passages.append((start, end))
+            start, end = a, b
+    if start is not None:
+        passages.append((start, end))
+    return passages
+
+
+def squad_passages(rows, count, max_tokens, path, log):
+    """(questions, passages) from SQuAD rows: every paragraph split by split_paragraph; a question
+    whose answer crosses a passage boundary is dropped (and counted)."""
+    passages, spans = [], {}
+    for n, r in enumerate(rows, 1):
+        context = r["context"]
+        if context in spans:
+            continue
+        if not context.strip():
+            raise ValueError(f"{path}, row {n} (id {r.get('id', '?')}): the context is empty; "
+                             "remove the row or give it its paragraph")
+        spans[context] = []
+        for a, b in split_paragraph(context, count, max_tokens):
+            spans[context].append((a, b, len(passages)))
+            passages.append(context[a:b].strip())
+    questions, crossing = [], 0
+    for r in rows:
+        answers = r["answers"]
+        if not answers["text"]:
+            continue
+        answer, at = answers["text"][0], (answers.get("answer_start") or [None])[0]
+        if at is None or r["context"][at:at + len(answer)] != answer:  # no offset: its first occurrence
+            at = r["context"].find(answer)
+        gold = next((j for a, b, j in spans[r["context"]] if a <= at and at + len(answer) <= b), None) \
+            if at >= 0 else None
+        if gold is None:
+            crossing += 1
+            continue
+        questions.append({"query": r["question"], "target": answer, "group": r["title"], "gold": gold})
+    log(f"{len(spans):,} paragraphs cut into {len(passages):,} passages of <= {max_tokens} LM tokens; "
+        f"{crossing} of {crossing + len(questions):,} questions dropped (answer across a passage boundary)")
     return questions, passages
 
 
@@ -288,18 +374,40 @@ def load_hub_squad(log):
                          "file, e.g. --train-data ../shared/data/squad/train.jsonl.gz") from None
 
 
-def split_by_group(questions, n_val, seed):
-    """(train, val): whole articles (groups) are held out until n_val questions are."""
+def hold_out(questions, n_dev, n_test, seed):
+    """(train, dev, test): whole articles (groups) go to dev until it holds n_dev questions, then to
+    test until n_test; the rest is training. No article is in two of them."""
     groups = sorted({q["group"] for q in questions}, key=str)
     random.Random(seed).shuffle(groups)
-    held, val = set(), []
+    part, sizes = {}, [0, 0]
     for g in groups:
-        if len(val) >= n_val or len(held) == len(groups) - 1:
+        side = 0 if sizes[0] < n_dev else 1 if sizes[1] < n_test else None
+        if side is None or len(part) == len(groups) - 1:  # keep at least one article to train on
             break
-        held.add(g)
-        val = [q for q in questions if q["group"] in held]
-    train = [q for q in questions if q["group"] not in held]
-    return train, val[:n_val]
+        part[g] = side
+        sizes[side] += sum(q["group"] == g for q in questions)
+    split = [[q for q in questions if part.get(q["group"], -1) == side] for side in (-1, 0, 1)]
+    return tuple(split)
+
+
+def load_data(cfg, tok, log):
+    """(train, dev, test questions with their BM25 candidates, passages, {passage: LM token ids})."""
+    questions, passages = load_questions(cfg, tok, log)
+    train_qs, dev_qs, test_qs = hold_out(questions, cfg.dev_questions, cfg.test_questions, cfg.data_seed)
+    if not dev_qs:
+        raise ValueError("no held-out question: the data needs at least two articles (groups) and "
+                         "--dev-questions >= 1")
+    add_candidates(train_qs + dev_qs + test_qs, passages, cfg.k, cfg.data_seed)
+    used = sorted({j for q in train_qs + dev_qs + test_qs for j in q["candidates"]})
+    tokenized = tok([passages[j] for j in used], add_special_tokens=False)["input_ids"]  # once, not per step
+    doc_ids = {j: ids[:cfg.max_doc_tokens] for j, ids in zip(used, tokenized)}
+    golds = [q for q in train_qs if q["gold"] is not None and q["gold"] in q["candidates"]]
+    if golds:  # the LM must be able to read the answer: its passage is never cut
+        inside = sum(q["target"] in tok.decode(doc_ids[q["gold"]]) for q in golds)
+        log(f"training answers inside what the LM reads: {inside / len(golds):.1%} of the {len(golds):,} "
+            f"questions whose gold passage is a candidate")
+    log(f"{len(train_qs):,} training questions; held out (whole articles): {len(dev_qs)} dev, {len(test_qs)} test")
+    return train_qs, dev_qs, test_qs, passages, doc_ids
 
 
 def add_candidates(questions, passages, k, seed):
@@ -363,15 +471,23 @@ def detect_heads(cfg, lm, tok, train_qs, passages, log):
 # biased LM's attention goes
 
 
-def evaluate_qa(retriever, questions, passages):
-    """nDCG@10, Recall@100... of finding each held-out question's gold paragraph in the pool."""
-    judged = [i for i, q in enumerate(questions) if q["gold"] is not None]
+def evaluate_qa(retriever, sets, passages, pool=None):
+    """{name: (means, per-query values)} of finding each question's gold passage among passages
+    (or the indices in pool), for sets {name: questions}; one encoding of the pool serves them all.
+    retriever None: BM25."""
+    judged = {f"{name}{i}": q for name, qs in sets.items() for i, q in enumerate(qs) if q["gold"] is not None}
     if not judged:
         return None
-    queries = {f"q{i}": questions[i]["query"] for i in judged}
-    qrels = {f"q{i}": {f"p{questions[i]['gold']}": 1} for i in judged}
-    corpus = {f"p{j}": p for j, p in enumerate(passages)}
-    return evaluate(qrels, dense_search(retriever, corpus, queries, top_k=100, progress=False))
+    corpus = {f"p{j}": passages[j] for j in (range(len(passages)) if pool is None else pool)}
+    queries = {qid: q["query"] for qid, q in judged.items()}
+    run = bm25_search(corpus, queries) if retriever is None else \
+        dense_search(retriever, corpus, queries, top_k=100, progress=False)
+    out = {}
+    for name in sets:
+        qids = [f"{name}{i}" for i, q in enumerate(sets[name]) if q["gold"] is not None]
+        out[name] = evaluate({qid: {f"p{judged[qid]['gold']}": 1} for qid in qids},
+                             {qid: run.get(qid, {}) for qid in qids}, per_query=True)
+    return out
 
 
 @torch.no_grad()
@@ -420,6 +536,37 @@ def lm_batch(tok, questions, doc_ids, idx, cfg):
                       [q["target"] for q in qs], max_doc_tokens=cfg.max_doc_tokens)
 
 
+class PrefixStore:
+    """The frozen LM's keys and values over each question's documents, computed once: the bias
+    never reaches the documents, so every later step, epoch or run (in this process) that packs
+    the same question with the same candidates reuses them. Kept up to max_gb."""
+
+    def __init__(self):
+        self.items, self.bytes = {}, 0
+
+    def __call__(self, lm, batch, keys, max_gb):
+        ends = batch.spans[:, -1, 1].tolist()
+        keys = [(lm.config._name_or_path, lm.dtype, key) for key in keys]
+        if any(key not in self.items for key in keys):
+            cache = dream.encode_prefix(lm, batch)
+            for b, key in enumerate(keys):
+                if key not in self.items and self.bytes < max_gb * 2 ** 30:
+                    kv = [(l.keys[b, :, :ends[b]].clone(), l.values[b, :, :ends[b]].clone()) for l in cache.layers]
+                    self.items[key] = kv
+                    self.bytes += sum(2 * k.numel() * k.element_size() for k, _ in kv)
+            if any(key not in self.items for key in keys):
+                return cache
+        cache, P = dream.PrefixCache(), max(ends)
+        for layer in range(len(self.items[keys[0]])):  # right-padded to P, as the mask expects
+            cache.update(*(torch.stack([F.pad(self.items[key][layer][i], (0, 0, 0, P - end)) for key, end in
+                                        zip(keys, ends)]) for i in (0, 1)), layer)
+        cache.frozen = True
+        return cache
+
+
+PREFIXES = PrefixStore()
+
+
 def step_loss(cfg, lm, tok, model, questions, passages, doc_ids, idx, device):
     """(loss, the passage each question's retriever ranks first of its candidates) for cfg.loss."""
     q, d, _ = examples(questions, passages, idx)
@@ -429,7 +576,18 @@ def step_loss(cfg, lm, tok, model, questions, passages, doc_ids, idx, device):
     tops = [questions[i]["candidates"][row] for i, row in zip(idx, scores.argmax(-1).tolist())]
     if cfg.loss == "dream":
         batch = lm_batch(tok, questions, doc_ids, idx, cfg).to(device)
-        return dream.dream_loss(lm, batch, scores, cfg.heads, cfg.temperature), tops
+        keys = [(tuple(questions[i]["candidates"]), cfg.max_doc_tokens) for i in idx]  # the prefix is the documents
+        prefix = PREFIXES(lm, batch, keys, cfg.prefix_cache_gb)
+        if cfg.normalize == "none":
+            return dream.dream_loss(lm, batch, scores, cfg.heads, cfg.temperature, prefix=prefix), tops
+        # each question's gradient on its own k scores, scaled to unit length: the value is the
+        # DREAM loss, the gradient that of sum_b <s_b, g_b / |g_b|> / B
+        s = scores.detach().requires_grad_()
+        loss = dream.dream_loss(lm, batch, s, cfg.heads, cfg.temperature, prefix=prefix)
+        g, = torch.autograd.grad(loss * len(idx), s)
+        g = g / g.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        surrogate = (scores * g).sum() / len(idx)
+        return surrogate - surrogate.detach() + loss.detach(), tops
     # REPLUG-LSR: KL(Q || P_R) over all k candidates. Q: softmax over the candidates of the frozen
     # LM's log-likelihood of the target given that candidate alone (per token), / beta
     with torch.no_grad():
@@ -437,13 +595,20 @@ def step_loss(cfg, lm, tok, model, questions, passages, doc_ids, idx, device):
     return F.kl_div(F.log_softmax(scores / cfg.temperature, -1), lm_likes, reduction="batchmean"), tops
 
 
+NLLS = {}  # the frozen LM's per-document losses of a question: the same in every step and run
+
+
 def nll_per_document(lm, tok, questions, doc_ids, idx, cfg, device):
     """[B, k]: the frozen LM's mean target-token loss with one candidate at a time as its context."""
     qs = [questions[i] for i in idx]
-    one = [(q["query"], [doc_ids[j]], q["target"]) for q in qs for j in q["candidates"]]
-    batch = dream.pack(tok, *zip(*one), max_doc_tokens=cfg.max_doc_tokens).to(device)
-    nll = dream.dream_loss(lm, batch, torch.zeros(len(one), 1, device=device), reduction="none")
-    return nll.view(len(qs), -1)
+    keys = [(lm.config._name_or_path, lm.dtype, q["query"], q["target"], tuple(q["candidates"]), cfg.max_doc_tokens)
+            for q in qs]
+    if any(key not in NLLS for key in keys):
+        one = [(q["query"], [doc_ids[j]], q["target"]) for q in qs for j in q["candidates"]]
+        batch = dream.pack(tok, *zip(*one), max_doc_tokens=cfg.max_doc_tokens).to(device)
+        nll = dream.dream_loss(lm, batch, torch.zeros(len(one), 1, device=device), reduction="none")
+        NLLS.update(zip(keys, nll.view(len(qs), -1).cpu()))
+    return torch.stack([NLLS[key] for key in keys]).to(device)
 
 
 def infonce_loss(cfg, model, questions, passages, idx):
@@ -509,14 +674,27 @@ def beir_folders(cfg, log):
 
 
 def evaluate_beir(retriever, folders, log):
+    """{name: (means, per-query values)} of each BEIR folder's test queries (retriever None: BM25)."""
     results = {}
     for folder in folders:
         corpus, queries, qrels = load_beir(folder)
-        run = dense_search(retriever, corpus, queries, top_k=100)
+        run = bm25_search(corpus, queries) if retriever is None else dense_search(retriever, corpus, queries)
         name = os.path.basename(os.path.normpath(folder))
-        results[name] = evaluate(qrels, run)
-        log(f"{name}: nDCG@10 {results[name]['ndcg@10']:.4f}, Recall@100 {results[name]['recall@100']:.4f}")
+        results[name] = evaluate(qrels, run, per_query=True)
+        log(f"{name}: nDCG@10 {results[name][0]['ndcg@10']:.4f}, Recall@100 {results[name][0]['recall@100']:.4f}")
     return results
+
+
+def health_set(dev_qs, n_passages, cfg):
+    """(questions, pool) of the cheap held-out health number logged during training: a fixed random
+    sample of health_questions dev questions (of every dev article), over their gold and candidate
+    passages and a fixed random sample of the rest (health_pool passages in all)."""
+    qs = [q for q in dev_qs if q["gold"] is not None]
+    qs = random.Random(cfg.data_seed).sample(qs, min(len(qs), cfg.health_questions))
+    pool = {j for q in qs for j in [q["gold"], *q["candidates"]]}
+    rest = [j for j in range(n_passages) if j not in pool]
+    pool |= set(random.Random(cfg.data_seed).sample(rest, max(0, min(len(rest), cfg.health_pool - len(pool)))))
+    return qs, sorted(pool)
 
 
 def train(cfg, log=print):
@@ -533,6 +711,8 @@ def train(cfg, log=print):
         raise ValueError(f"--dtype {cfg.dtype!r}: choose auto, bf16 or fp32")
     if cfg.loss not in ("dream", "replug", "infonce"):
         raise ValueError(f"--loss {cfg.loss!r}: choose dream, replug or infonce")
+    if cfg.normalize not in ("none", "question"):
+        raise ValueError(f"--normalize {cfg.normalize!r}: choose none or question")
     given = cfg  # as asked; cfg.heads becomes the chosen heads below
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -552,17 +732,8 @@ def train(cfg, log=print):
     model = DDP(retriever, find_unused_parameters=True) if world > 1 else retriever
     if cfg.heads not in ("auto", "random") and not os.path.isfile(cfg.heads):
         dream.resolve_heads(lm, cfg.heads)  # a bad head fails now, not after the data is ready
-    questions, passages = load_questions(cfg, log)
-    train_qs, val_qs = split_by_group(questions, cfg.val_questions, cfg.seed)
-    if not val_qs:
-        raise ValueError("no held-out question: the data needs at least two articles (groups) and "
-                         "--val-questions >= 1")
-    add_candidates(train_qs + val_qs, passages, cfg.k, cfg.seed)
-    used = sorted({j for q in train_qs + val_qs for j in q["candidates"]})
-    tokenized = tok([passages[j] for j in used], add_special_tokens=False)["input_ids"]  # once, not per step
-    doc_ids = {j: ids[:cfg.max_doc_tokens] for j, ids in zip(used, tokenized)}
-    log(f"{len(train_qs):,} training questions, {len(val_qs)} held out; {time.time() - t0:.0f}s to set up"
-        + (f"; {world} processes" if world > 1 else ""))
+    train_qs, dev_qs, test_qs, passages, doc_ids = load_data(cfg, tok, log)
+    log(f"{time.time() - t0:.0f}s to set up" + (f"; {world} processes" if world > 1 else ""))
     heads_file = os.path.join(cfg.out_dir, "heads.txt")
     if cfg.heads == "auto" and cfg.resume and os.path.exists(heads_file):
         cfg = dataclasses.replace(cfg, heads=heads_file)  # the heads the run began with
@@ -572,13 +743,19 @@ def train(cfg, log=print):
     cfg = dataclasses.replace(cfg, heads=chosen[0])
     dream.resolve_heads(lm, cfg.heads)
     eval_folders = beir_folders(cfg, log)
-    val_loss_qs = val_qs[:cfg.val_loss_questions]
+    val_loss_qs = dev_qs[:cfg.val_loss_questions]
+    health_qs, health_pool = health_set(dev_qs, len(passages), cfg)
 
     def evaluation():
+        qa = evaluate_qa(retriever, {"dev": dev_qs, "test": test_qs}, passages)
+        beir = evaluate_beir(retriever, eval_folders, log)
         numbers = {"val_loss_and_gold_top1": validation(lm, tok, retriever, val_loss_qs, passages, doc_ids,
                                                          cfg, autocast, rank, world),
-                   "qa": evaluate_qa(retriever, val_qs, passages),
-                   "beir": evaluate_beir(retriever, eval_folders, log)}
+                   "qa": qa and {name: means for name, (means, _) in qa.items()},
+                   "beir": {name: means for name, (means, _) in beir.items()},
+                   # per query, for paired bootstrap intervals between runs
+                   "per_query": {name: {m: values[m] for m in ("ndcg@10", "recall@100")}
+                                 for name, (_, values) in [*(qa or {}).items(), *beir.items()]}}
         if cfg.loss == "dream":
             with autocast:
                 numbers["attention_gold_other"] = attention_on_gold(lm, tok, retriever, val_loss_qs, passages,
@@ -607,6 +784,15 @@ def train(cfg, log=print):
         report["before"] = evaluation()
         log(f"before: {report['before']}")
 
+    def health(step):  # QA dev nDCG@10 on a small pool: a run going wrong shows it early
+        if cfg.health_every and health_qs:
+            value = evaluate_qa(retriever, {"health": health_qs}, passages, health_pool)["health"][0]["ndcg@10"]
+            report.setdefault("health", []).append([step, value])
+            log(f"step {step}: health (QA dev nDCG@10, {len(health_qs)} questions, {len(health_pool)} passages) "
+                f"{value:.4f}")
+
+    if start == 0:
+        health(0)
     retriever.train()
     bar = tqdm(range(start, cfg.steps), desc="training", initial=start, total=cfg.steps, disable=not master)
     step_times = []
@@ -639,6 +825,8 @@ def train(cfg, log=print):
         step_times.append(time.time() - t)
         bar.set_postfix(loss=f"{loss.item():.3f}", steps_per_s=f"{1 / step_times[-1]:.2f}")
         report.setdefault("loss", []).append([step, loss.item()])
+        if cfg.health_every and (step + 1) % cfg.health_every == 0:
+            health(step + 1)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             rng = gather([torch.get_rng_state()], world)  # each rank's dropout stream
             if master:
@@ -660,6 +848,63 @@ def train(cfg, log=print):
     return retriever, report
 
 
+def signal_probe(cfg, log=print):
+    """python train.py --probe: before training, what the LM's signal says on dev questions whose
+    gold passage is among their candidates, at equal scores and at the retriever's own scores."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lm_name, encoder_name = resolve_models(cfg, log)
+    lm, tok = load_lm(lm_name, log, device=device)
+    retriever = dream.Retriever(encoder_name, pooling=cfg.pooling or None).to(device)
+    train_qs, dev_qs, _, passages, doc_ids = load_data(cfg, tok, log)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    heads = choose_heads(cfg, lm, tok, train_qs, passages, log)
+    qs = [q for q in dev_qs if q["gold"] in q["candidates"]][:cfg.probe_questions]
+    if not qs:
+        raise ValueError("--probe: no dev question has its gold passage among its candidates")
+    seen = {key: [] for key in ("equal raise", "equal favours", "own raise", "own favours", "focused",
+                                "replug", "retriever")}
+    for i in tqdm(range(0, len(qs), cfg.batch_size), desc="probe"):
+        idx = range(i, min(i + cfg.batch_size, len(qs)))
+        q, d, _ = examples(qs, passages, idx)
+        batch = lm_batch(tok, qs, doc_ids, idx, cfg).to(device)
+        useful = torch.tensor([qs[j]["candidates"].index(qs[j]["gold"]) for j in idx], device=device)
+        prefix = dream.encode_prefix(lm, batch)
+        with torch.no_grad():
+            own = retriever.score(q, d)
+        for name, scores in (("equal", torch.zeros_like(own)), ("own", own)):
+            out = dream.probe(lm, batch, scores, useful, heads, cfg.temperature, prefix=prefix)
+            seen[f"{name} raise"] += out["raise"].tolist()
+            seen[f"{name} favours"] += (out["favours"] == useful).tolist()
+        seen["focused"] += (out["focused"] == useful).tolist()
+        with torch.no_grad():
+            seen["replug"] += (nll_per_document(lm, tok, qs, doc_ids, idx, cfg, device).argmin(1) == useful).tolist()
+        seen["retriever"] += (own.argmax(1) == useful).tolist()
+    share = lambda key: sum(v > 0 for v in seen[key]) / len(qs)
+    median = lambda key: sorted(seen[key])[len(qs) // 2]
+    result = {"questions": len(qs), "k": cfg.k, "temperature": cfg.temperature, "heads": heads,
+              "equal_raises_gold": share("equal raise"), "equal_median_raise": median("equal raise"),
+              "equal_favours_gold": share("equal favours"), "own_raises_gold": share("own raise"),
+              "own_median_raise": median("own raise"), "own_favours_gold": share("own favours"),
+              "focus_on_gold_lowest_loss": share("focused"), "replug_ranks_gold_first": share("replug"),
+              "retriever_ranks_gold_first": share("retriever"), "chance_first": 1 / cfg.k}
+    rows = [("a descent step raises p(gold)", result["equal_raises_gold"], result["own_raises_gold"], "0.50"),
+            ("  its median size (dp(gold) per unit step)", result["equal_median_raise"], result["own_median_raise"], ""),
+            ("the step raises the gold's score most", result["equal_favours_gold"], result["own_favours_gold"],
+             f"{1 / cfg.k:.2f}"),
+            ("bias focused on the gold: the lowest loss", result["focus_on_gold_lowest_loss"], None, f"{1 / cfg.k:.2f}"),
+            ("REPLUG-LSR: the gold alone, the lowest loss", result["replug_ranks_gold_first"], None, f"{1 / cfg.k:.2f}"),
+            ("the retriever ranks the gold first", None, result["retriever_ranks_gold_first"], f"{1 / cfg.k:.2f}")]
+    fmt = lambda v: "" if v is None else f"{v:.3g}" if abs(v) < 0.01 else f"{v:.2f}"
+    lines = [f"signal probe: {len(qs)} dev questions with the gold among k = {cfg.k} candidates, tau = {cfg.temperature}",
+             "| | equal scores | retriever's scores | chance |", "|---|---|---|---|"]
+    lines += [f"| {label} | {fmt(a)} | {fmt(b)} | {c} |" for label, a, b, c in rows]
+    log("\n".join(lines))
+    with open(os.path.join(cfg.out_dir, "probe.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result))
+    return result
+
+
 def gather(items, world):
     """Every rank's list, joined in rank order (the list itself in a single process)."""
     if world == 1:
@@ -670,138 +915,189 @@ def gather(items, world):
 
 
 # -----------------------------------------------------------------------------
-# --compare: every method from the same start, on the same data, candidates and steps
+# --compare: every method from the same start, on the same data, candidates and steps; settings
+# chosen on QA dev, reported on QA test and BEIR with paired bootstrap intervals
 
-METHODS = [("DREAM", {}), ("REPLUG-LSR", {"loss": "replug"}), ("InfoNCE (gold labels)", {"loss": "infonce"})]
-ABLATIONS = {"all_heads": ("DREAM, all heads", {"heads": "all"}),
-             "random_heads": ("DREAM, random heads", {"heads": "random"}),
-             "tau": ("DREAM, tau 0.1", {"temperature": 0.1}),
+METHODS = {"DREAM": "dream", "REPLUG-LSR": "replug", "InfoNCE (gold labels)": "infonce"}
+ABLATIONS = {"ranked_heads": ("DREAM, 16 ranked heads", {"heads": "auto"}),
+             "random_heads": ("DREAM, 16 random heads", {"heads": "random"}),
+             "normalize": ("DREAM, question-normalised gradient", {"normalize": "question"}),
              "k": ("DREAM, k 8", {"k": 8})}
 
 
 def compare(cfg, ablations=(), log=print):
-    """Train DREAM, REPLUG-LSR and InfoNCE (and the ablations named, keys of ABLATIONS) with cfg's
-    settings, each in its own folder under cfg.out_dir; write compare.md (the tables),
-    compare.json and two PNG plots. A finished run is reused when its settings match, so a
-    stopped --compare picks up where it was."""
+    """The grid (grid_lr, and grid_temperature for DREAM and REPLUG-LSR) for every method on QA
+    dev; each method's best settings with `seeds` seeds (InfoNCE one), the start encoder and BM25
+    on QA test and the BEIR sets; the ablations named (keys of ABLATIONS) at DREAM's best, on dev.
+    Writes compare.md, compare.json, health.png and loss.png under cfg.out_dir. A finished run whose
+    settings match is reused, so a stopped --compare goes on where it stopped."""
     unknown = set(ablations) - set(ABLATIONS)
     if unknown:
         raise ValueError(f"--ablations {','.join(sorted(unknown))}: choose from {','.join(ABLATIONS)}")
-    ablations = [ABLATIONS[a] for a in ablations]
     os.makedirs(cfg.out_dir, exist_ok=True)
-    reports = {}
+    runs = {}
 
-    def run(name, **changes):
-        c = dataclasses.replace(cfg, out_dir=os.path.join(cfg.out_dir, name.split(" (")[0].lower()
-                                                          .replace(", ", "_").replace(" ", "_")),
-                                evaluate_before=False, resume=False, **changes)
+    def run(folder, **changes):
+        c = dataclasses.replace(cfg, out_dir=os.path.join(cfg.out_dir, folder), evaluate_before=False,
+                                resume=False, **changes)
         path = os.path.join(c.out_dir, "report.json")
         if os.path.exists(path):
             with open(path) as f:
                 report = json.load(f)
-            if report["config"] == dataclasses.asdict(c):
-                log(f"{name}: reusing {path}")
-                reports[name] = report
+            # a field added since the run was written had its default then
+            if {**dataclasses.asdict(Config()), **report["config"]} == dataclasses.asdict(c):
+                log(f"{folder}: reusing {path}")
+                runs[folder] = report
                 return report
-        log(f"--- {name}")
-        reports[name] = train(c, log)[1]
-        return reports[name]
+        log(f"--- {folder}")
+        runs[folder] = train(c, log)[1]
+        return runs[folder]
 
-    dream_run = run("DREAM")
-    heads = os.path.join(cfg.out_dir, "heads.txt")  # every row's validation loss biases these heads
-    with open(heads, "w") as f:
-        f.write(dream_run["heads"] + "\n")
-    run("start encoder", steps=0, heads=heads)
-    for name, changes in METHODS[1:]:
-        run(name, **{"heads": heads, **changes})
-    for name, changes in ablations:  # settings are chosen on the QA slice: no BEIR test set here
-        run(name, **{"heads": heads, "eval_data": "none", **changes})
-    reports["BM25"] = bm25_rows(cfg)
-    tables = [table([n for n in ["start encoder", "BM25"] + [m for m, _ in METHODS]], reports)]
-    if ablations:
-        tables.append(table(["DREAM"] + [a for a, _ in ablations], reports))
-    text = "\n\n".join(tables) + f"\n\nheads (ranked on {cfg.detection_questions} training questions, " \
-                                 f"{cfg.head_source}): {dream_run['heads']}\n"
+    lrs = [float(x) for x in cfg.grid_lr.split(",")]
+    taus = [float(x) for x in cfg.grid_temperature.split(",")]
+    run("start", steps=0, eval_data="none")
+    grid, best = {}, {}
+    for name, loss in METHODS.items():
+        for lr in lrs:
+            for tau in (taus if loss != "infonce" else [cfg.temperature]):
+                folder = f"grid/{loss}_lr{lr:g}_tau{tau:g}"
+                grid[folder] = (name, lr, tau, run(folder, loss=loss, lr=lr, temperature=tau, eval_data="none"))
+        scored = [(r["after"]["qa"]["dev"]["ndcg@10"], f) for f, (n, *_, r) in grid.items() if n == name]
+        best[name] = max(scored)[1]  # chosen on QA dev alone
+    def with_beir(folder):  # a best grid run is its method's first seed: only BEIR is left to score
+        report, path = runs[folder], os.path.join(cfg.out_dir, folder, "beir.json")
+        if not os.path.exists(path):
+            beir = evaluate_beir(dream.Retriever(os.path.join(cfg.out_dir, folder, "encoder")), beir_folders(cfg, log), log)
+            with open(path, "w") as f:
+                json.dump(beir, f)
+        with open(path) as f:
+            beir = json.load(f)
+        report["after"]["beir"] = {n: means for n, (means, _) in beir.items()}
+        report["after"]["per_query"].update({n: {m: v[m] for m in ("ndcg@10", "recall@100")} for n, (_, v) in beir.items()})
+        return report
+
+    final = {"start encoder": [with_beir("start")]}
+    for name, loss in METHODS.items():
+        _, lr, tau, _ = grid[best[name]]
+        final[name] = [with_beir(best[name])] + [
+            run(f"final/{loss}_seed{cfg.seed + i}", loss=loss, lr=lr, temperature=tau, seed=cfg.seed + i)
+            for i in range(1, cfg.seeds if loss != "infonce" else 1)]
+    final["BM25"] = [bm25_report(cfg, log)]
+    _, lr, tau, _ = grid[best["DREAM"]]
+    ablation_rows = {ABLATIONS[a][0]: run(f"ablation/{a}", lr=lr, temperature=tau, eval_data="none", **ABLATIONS[a][1])
+                     for a in ablations}
+    text = report_tables(cfg, grid, best, final, ablation_rows)
     with open(os.path.join(cfg.out_dir, "compare.md"), "w") as f:
         f.write(text)
     with open(os.path.join(cfg.out_dir, "compare.json"), "w") as f:
-        json.dump({name: {k: v for k, v in r.items() if k not in ("loss", "gold_top1_by_step")}
-                   for name, r in reports.items()}, f, indent=1)
-    plot(reports, cfg.out_dir)
+        json.dump({"best": best, "grid": {f: {"method": n, "lr": lr, "temperature": t, "qa": r["after"]["qa"],
+                                              "health": r.get("health")} for f, (n, lr, t, r) in grid.items()},
+                   "final": {n: [{k: v for k, v in r.items() if k not in ("loss", "gold_top1_by_step")} for r in rs]
+                             for n, rs in final.items()}}, f, indent=1)
+    plot(grid, final, cfg.out_dir)
     log(text)
-    return reports
+    return final
 
 
-def bm25_rows(cfg):
-    """BM25 on the same held-out questions over the same pool, and on the BEIR sets."""
-    questions, passages = load_questions(cfg, lambda *_: None)
-    _, val_qs = split_by_group(questions, cfg.val_questions, cfg.seed)
-    judged = [i for i, q in enumerate(val_qs) if q["gold"] is not None]
-    run = bm25_search({f"p{j}": p for j, p in enumerate(passages)}, {f"q{i}": val_qs[i]["query"] for i in judged})
-    row = {"after": {"qa": evaluate({f"q{i}": {f"p{val_qs[i]['gold']}": 1} for i in judged}, run), "beir": {}}}
-    for folder in beir_folders(cfg, lambda *_: None):
-        corpus, queries, qrels = load_beir(folder)
-        row["after"]["beir"][os.path.basename(os.path.normpath(folder))] = evaluate(qrels, bm25_search(corpus, queries))
-    return row
+def bm25_report(cfg, log):
+    """BM25 on the same QA questions over the same passages, and on the BEIR sets, as a run report."""
+    lm_name, _ = resolve_models(cfg, log)
+    _, tok = load_lm(lm_name, log)
+    _, dev_qs, test_qs, passages, _ = load_data(cfg, tok, lambda *_: None)
+    qa = evaluate_qa(None, {"dev": dev_qs, "test": test_qs}, passages)
+    beir = evaluate_beir(None, beir_folders(cfg, log), lambda *_: None)
+    return {"after": {"qa": {n: m for n, (m, _) in qa.items()}, "beir": {n: m for n, (m, _) in beir.items()},
+                      "per_query": {n: {m: v[m] for m in ("ndcg@10", "recall@100")}
+                                    for n, (_, v) in [*qa.items(), *beir.items()]}}}
 
 
-def table(names, reports):
-    """A markdown table: retrieval on the held-out QA slice and the BEIR sets, val loss, s/step."""
-    beir = list(reports[names[0]]["after"]["beir"])
-    head = ["method", "QA nDCG@10", "QA R@100"] + [f"{b} {m}" for b in beir for m in ("nDCG@10", "R@100")]
-    head += ["val loss", "s/step"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in names:
-        r = reports[name]["after"]
-        cells = [name, f"{r['qa']['ndcg@10']:.4f}", f"{r['qa']['recall@100']:.4f}"]
-        cells += [f"{r['beir'][b][m]:.4f}" if b in r["beir"] else "–" for b in beir for m in ("ndcg@10", "recall@100")]
-        cells.append(f"{r['val_loss_and_gold_top1'][0]:.4f}" if "val_loss_and_gold_top1" in r else "")
-        cells.append(f"{reports[name]['seconds_per_step']:.2f}" if reports[name].get("seconds_per_step") else "")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def seed_mean(reports):
+    """Per-query values averaged over a method's seeds (one report: itself)."""
+    first = reports[0]["after"]["per_query"]
+    return {s: {m: {q: sum(r["after"]["per_query"][s][m][q] for r in reports) / len(reports) for q in first[s][m]}
+                for m in first[s]} for s in first}
 
 
-def plot(reports, out_dir):
-    """loss.png: each method's training loss; attention.png: where DREAM's biased heads look."""
+def report_tables(cfg, grid, best, final, ablation_rows):
+    """compare.md: the grid on QA dev, then QA test and BEIR with paired bootstrap 95% intervals of
+    each method's difference to the start encoder and to REPLUG-LSR (its seeds averaged per query)."""
+    lines = ["## The grid (QA dev nDCG@10; each method's best, in bold, is the one reported)", "",
+             "| method | lr | tau | QA dev nDCG@10 | QA dev R@100 | health (QA dev nDCG@10, small pool) by step | s/step |",
+             "|---|---|---|---|---|---|---|"]
+    for folder, (name, lr, tau, r) in grid.items():
+        dev = r["after"]["qa"]["dev"]
+        value = f"**{dev['ndcg@10']:.4f}**" if best[name] == folder else f"{dev['ndcg@10']:.4f}"
+        health = " ".join(f"{v:.3f}" for _, v in r.get("health", []))
+        lines.append(f"| {name} | {lr:g} | {tau:g} | {value} | {dev['recall@100']:.4f} | {health} | "
+                     f"{r.get('seconds_per_step', 0):.2f} |")
+    sets = ["test"] + list(final["start encoder"][0]["after"]["beir"])
+    base, replug = seed_mean(final["start encoder"]), seed_mean(final["REPLUG-LSR"])
+    for s in sets:
+        label = "QA test" if s == "test" else s
+        lines += ["", f"## {label} ({len(base[s]['ndcg@10'])} queries): mean and, in brackets, the paired "
+                  "bootstrap 95% interval of the difference", "",
+                  "| method | seed | nDCG@10 | vs start encoder | vs REPLUG-LSR | R@100 | vs start encoder |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, reports in final.items():
+            rows = [(str(r["config"]["seed"]) if "config" in r else "", r["after"]["per_query"]) for r in reports]
+            if len(reports) > 1:
+                rows.append(("mean", seed_mean(reports)))
+            for seed, per_query in rows:
+                cells = [name, seed]
+                for m in ("ndcg@10", "recall@100"):
+                    values = per_query[s][m]
+                    cells.append(f"{sum(values.values()) / len(values):.4f}")
+                    others = [base] + ([replug] if m == "ndcg@10" else [])
+                    for other, itself in zip(others, ["start encoder", "REPLUG-LSR"]):
+                        d = None if name == itself else paired_bootstrap(values, other[s][m], seed=0)
+                        cells.append("" if d is None else f"{d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]")
+                lines.append("| " + " | ".join(cells) + " |")
+    if ablation_rows:
+        lines += ["", "## Ablations at DREAM's best settings (QA dev)", "", "| run | QA dev nDCG@10 | QA dev R@100 |",
+                  "|---|---|---|"]
+        for name, r in ablation_rows.items():
+            dev = r["after"]["qa"]["dev"]
+            lines.append(f"| {name} | {dev['ndcg@10']:.4f} | {dev['recall@100']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(grid, final, out_dir):
+    """health.png: QA dev nDCG@10 (small pool) during each grid run; loss.png: the reported runs'
+    training loss (a moving average over a tenth of the run)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    curves = {n: r["loss"] for n, r in reports.items() if r.get("loss")}
-    kinds = {n: reports[n]["config"]["loss"] for n in curves}
-    panels = sorted(set(kinds.values()), key=["dream", "replug", "infonce"].index)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for ax, kind in zip(axes[0], panels):
-        for name in [n for n in curves if kinds[n] == kind]:
-            steps, losses = zip(*curves[name])
-            w = max(1, len(losses) // 10)  # a moving average over a tenth of the run
-            smooth = [sum(losses[max(0, i - w + 1):i + 1]) / len(losses[max(0, i - w + 1):i + 1])
-                      for i in range(len(losses))]
-            ax.plot(steps, smooth, label=name)
-        ax.set(title={"dream": "DREAM: target cross-entropy", "replug": "REPLUG-LSR: KL(Q || P_R)",
-                      "infonce": "InfoNCE (gold labels)"}[kind], xlabel="step")
+    fig, axes = plt.subplots(1, len(METHODS), figsize=(5 * len(METHODS), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], METHODS):
+        for folder, (n, lr, tau, r) in grid.items():
+            if n == name and r.get("health"):
+                ax.plot(*zip(*r["health"]), marker="o", label=f"lr {lr:g}, tau {tau:g}")
+        ax.set(title=f"{name}: health", xlabel="step", ylabel="QA dev nDCG@10 (small pool)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "health.png"), dpi=120)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(METHODS), figsize=(5 * len(METHODS), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], METHODS):
+        for r in final[name]:
+            steps, losses = zip(*r["loss"])
+            w = max(1, len(losses) // 10)
+            ax.plot(steps, [sum(losses[max(0, i - w + 1):i + 1]) / len(losses[max(0, i - w + 1):i + 1])
+                            for i in range(len(losses))], label=f"seed {r['config']['seed']}")
+        ax.set(title={"DREAM": "DREAM: target cross-entropy", "REPLUG-LSR": "REPLUG-LSR: KL(Q || P_R)"}.get(name, name),
+               xlabel="step")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
     plt.close(fig)
-    if "attention_gold_other" in reports.get("start encoder", {}).get("after", {}):
-        before = reports["start encoder"]["after"]["attention_gold_other"]
-        after = reports["DREAM"]["after"]["attention_gold_other"]
-        fig, ax = plt.subplots(figsize=(5, 3.6))
-        for i, (label, values) in enumerate([("start encoder", before), ("after DREAM", after)]):
-            ax.bar([i * 3, i * 3 + 1], values, color=["tab:green", "tab:gray"])
-        ax.set_xticks([0, 1, 3, 4], ["gold\nstart", "other\nstart", "gold\nafter", "other\nafter"])
-        ax.set(ylabel="attention mass per document", title="biased heads, held-out questions")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "attention.png"), dpi=120)
-        plt.close(fig)
 
 
 def summary(report, encoder_dir):
     columns = [c for c in ("before", "after") if c in report]
     rows = [("val loss (held out)", lambda r: r["val_loss_and_gold_top1"][0], ".4f"),
             ("val gold in top-1", lambda r: r["val_loss_and_gold_top1"][1], ".3f")]
-    if report["after"].get("qa"):
-        rows += [(f"held-out QA {m}", lambda r, m=m: r["qa"][m], ".4f") for m in ("ndcg@10", "recall@100")]
+    for name in report["after"].get("qa") or {}:
+        rows += [(f"QA {name} {m}", lambda r, name=name, m=m: r["qa"][name][m], ".4f") for m in ("ndcg@10", "recall@100")]
     rows += [(f"{name} {m}", lambda r, name=name, m=m: r["beir"][name][m], ".4f")
              for name in report["after"]["beir"] for m in ("ndcg@10", "recall@100")]
     if "attention_gold_other" in report["after"]:
@@ -809,6 +1105,12 @@ def summary(report, encoder_dir):
                  ("attention on another", lambda r: r["attention_gold_other"][1], ".4f")]
     lines = [f"{'':26}" + "".join(f"{c:>10}" for c in columns)]
     lines += [f"{label:26}" + "".join(f"{get(report[c]):>10{fmt}}" for c in columns) for label, get, fmt in rows]
+    if "before" in report:  # paired over the same queries: is the change more than noise?
+        for name, after in report["after"]["per_query"].items():
+            d = paired_bootstrap(after["ndcg@10"], report["before"]["per_query"][name]["ndcg@10"])
+            lines.append(f"{'QA ' + name if name in ('dev', 'test') else name} nDCG@10, after - before: "
+                         f"{d['difference']:+.4f}, 95% interval [{d['low']:+.4f}, {d['high']:+.4f}] "
+                         f"(paired bootstrap over {d['queries']} queries)")
     gold = report.get("gold_top1_by_step", [])
     if gold:
         n = max(1, len(gold) // 4)
@@ -825,6 +1127,8 @@ def parse_args(argv=None):
     parser.add_argument("--small", action="store_true", help="the laptop run: the Config defaults")
     parser.add_argument("--compare", action="store_true", help="train DREAM, REPLUG-LSR and InfoNCE alike; "
                         "a table, compare.md, and plots in --out-dir")
+    parser.add_argument("--probe", action="store_true", help="measure the training signal before training "
+                        "(a table and one JSON line)")
     parser.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="",
                         help=f"with --compare: these ablations, or all of them ({','.join(ABLATIONS)})")
     for f in dataclasses.fields(Config):
@@ -834,8 +1138,8 @@ def parse_args(argv=None):
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default)
     args = parser.parse_args(argv)
-    if not args.toy and not args.small and not args.compare and not args.train_data:
-        parser.error("say what to train: --toy, --small, --compare, or --train-data FILE")
+    if not args.toy and not args.small and not args.compare and not args.probe and not args.train_data:
+        parser.error("say what to run: --toy, --small, --compare, --probe, or --train-data FILE")
     cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     return args, cfg
 
@@ -849,6 +1153,8 @@ if __name__ == "__main__":
         print(json.dumps({"top1_before": round(before, 4), "top1_after": round(after, 4)}))
     elif args.compare:
         compare(cfg, [a for a in args.ablations.split(",") if a])
+    elif args.probe:
+        signal_probe(cfg)
     else:
         _, report = train(cfg)
         if not dist.is_initialized() or dist.get_rank() == 0:
