@@ -1027,15 +1027,21 @@ def tiny_squad(tmp_path, n=40):
     return str(path)
 
 
+def toy_questions(queries, docs, targets):
+    """train.py's view of toy_batch(): questions with candidate indices, and each passage's token ids."""
+    questions = [{"query": q, "target": y, "candidates": [3 * b + i for i in range(3)], "gold": None}
+                 for b, (q, y) in enumerate(zip(queries, targets))]
+    doc_ids = {3 * b + i: TOK(d, add_special_tokens=False)["input_ids"] for b, ds in enumerate(docs)
+               for i, d in enumerate(ds)}
+    return questions, doc_ids
+
+
 def test_replug_matches_the_lm_per_document_and_pulls_every_candidate(tmp_path):
     import train
     cfg = dataclasses.replace(tiny_training_setup(tmp_path), loss="replug", k=3, beta=0.5)
     lm = dream.prepare_lm(tiny_lm("llama"))
     queries, docs, targets = toy_batch()
-    questions = [{"query": q, "target": y, "candidates": [3 * b + i for i in range(3)], "gold": None}
-                 for b, (q, y) in enumerate(zip(queries, targets))]
-    doc_ids = {3 * b + i: TOK(d, add_special_tokens=False)["input_ids"] for b, ds in enumerate(docs)
-               for i, d in enumerate(ds)}
+    questions, doc_ids = toy_questions(queries, docs, targets)
     nll = train.nll_per_document(lm, TOK, questions, doc_ids, [0, 1, 2], cfg, "cpu")
     for b in range(3):
         for i in range(3):  # the LM alone, one document in its context
@@ -1186,10 +1192,7 @@ def test_question_normalised_dream_gives_every_question_a_unit_gradient(tmp_path
     cfg = dataclasses.replace(tiny_training_setup(tmp_path), k=3, normalize="question")
     lm = dream.prepare_lm(tiny_lm("llama"))
     queries, docs, targets = toy_batch()
-    questions = [{"query": q, "target": y, "candidates": [3 * b + i for i in range(3)], "gold": None}
-                 for b, (q, y) in enumerate(zip(queries, targets))]
-    doc_ids = {3 * b + i: TOK(d, add_special_tokens=False)["input_ids"] for b, ds in enumerate(docs)
-               for i, d in enumerate(ds)}
+    questions, doc_ids = toy_questions(queries, docs, targets)
     passages = {j: "" for j in doc_ids}
     scores = torch.tensor([[0.1, 0.0, -0.1], [0.2, 0.3, 0.0], [0.0, 0.0, 0.1]], requires_grad=True)
     loss, _ = train.step_loss(cfg, lm, TOK, lambda q, d: scores * 1.0, questions, passages, doc_ids, [0, 1, 2], "cpu")
