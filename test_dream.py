@@ -1088,8 +1088,15 @@ def test_compare_runs_the_grid_chooses_on_dev_and_writes_intervals(tmp_path, mon
     assert (tmp_path / "cmp" / "health.png").stat().st_size > 1000
     assert (tmp_path / "cmp" / "loss.png").stat().st_size > 1000
     # a second --compare reuses every finished run
+    real_train = train.train
     monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained again"))
-    train.compare(cfg, ablations=list(train.ABLATIONS), log=lambda *_: None)
+    train.compare(dataclasses.replace(cfg, probe_questions=5), ablations=list(train.ABLATIONS), log=lambda *_: None)
+    # a wider grid trains just the runs it adds (and a final seed, if a new run is best on dev)
+    trained = []
+    monkeypatch.setattr(train, "train", lambda c, log: trained.append(c.out_dir) or real_train(c, log))
+    train.compare(dataclasses.replace(cfg, grid_temperature="0.05,0.2,1"), log=lambda *_: None)
+    added = {str(tmp_path / "cmp" / "grid" / f"{loss}_lr{lr}_tau1") for loss in ("dream", "replug") for lr in ("0.001", "0.0001")}
+    assert added <= set(trained) and all("tau1" in t or "final" in t for t in trained), trained
     with pytest.raises(ValueError, match="--ablations heads: choose from ranked_heads"):
         train.compare(cfg, ablations=["heads"], log=lambda *_: None)
 

@@ -925,6 +925,13 @@ ABLATIONS = {"ranked_heads": ("DREAM, 16 ranked heads", {"heads": "auto"}),
              "k": ("DREAM, k 8", {"k": 8})}
 
 
+COMPARE_ONLY = ("grid_lr", "grid_temperature", "seeds", "probe_questions")
+
+
+def same_run(a, b):
+    return {k: v for k, v in a.items() if k not in COMPARE_ONLY} == {k: v for k, v in b.items() if k not in COMPARE_ONLY}
+
+
 def compare(cfg, ablations=(), log=print):
     """The grid (grid_lr, and grid_temperature for DREAM and REPLUG-LSR) for every method on QA
     dev; each method's best settings with `seeds` seeds (InfoNCE one), the start encoder and BM25
@@ -944,8 +951,9 @@ def compare(cfg, ablations=(), log=print):
         if os.path.exists(path):
             with open(path) as f:
                 report = json.load(f)
-            # a field added since the run was written had its default then
-            if {**dataclasses.asdict(Config()), **report["config"]} == dataclasses.asdict(c):
+            # a field added since the run was written had its default then; --compare's own
+            # fields (a wider grid, more seeds) do not change a run
+            if same_run({**dataclasses.asdict(Config()), **report["config"]}, dataclasses.asdict(c)):
                 log(f"{folder}: reusing {path}")
                 runs[folder] = report
                 return report
