@@ -1136,6 +1136,20 @@ def test_probe_raise_is_the_change_of_p_useful_along_a_unit_descent_step():
     assert torch.equal(out["favours"], step.argmax(1))
 
 
+def test_replug_step_is_the_descent_step_of_its_kl():
+    import train
+    scores, target = torch.tensor([[0.3, -0.2, 0.1], [0.0, 0.4, -0.1]]), torch.tensor([[0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
+    useful = torch.tensor([2, 0])
+    up, favours = train.replug_step(scores, target, useful, 0.5)
+    s = scores.clone().requires_grad_()
+    grad, = torch.autograd.grad(F.kl_div(F.log_softmax(s / 0.5, -1), target, reduction="batchmean"), s)
+    step = -grad / grad.norm(dim=1, keepdim=True)
+    p = lambda x: F.softmax(x / 0.5, -1).gather(1, useful[:, None])[:, 0]
+    finite = (p(scores + 1e-3 * step) - p(scores - 1e-3 * step)) / 2e-3
+    torch.testing.assert_close(up, finite, atol=1e-5, rtol=1e-3)
+    assert torch.equal(favours, step.argmax(1)) and torch.equal(favours, useful)
+
+
 def test_probe_command_prints_a_table_and_one_json_line(tmp_path, capsys):
     import train
     from train import Config
@@ -1152,7 +1166,9 @@ def test_probe_command_prints_a_table_and_one_json_line(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == json.loads((tmp_path / "probe" / "probe.json").read_text()) == result
     assert 1 <= result["questions"] <= 6 and result["chance_first"] == 1 / 3
-    for key in ("equal_raises_gold", "own_raises_gold", "focus_on_gold_lowest_loss", "replug_ranks_gold_first"):
+    assert "| REPLUG-LSR: its step raises the gold's score most |" in lines[-1]
+    for key in ("equal_raises_gold", "own_raises_gold", "focus_on_gold_lowest_loss", "replug_ranks_gold_first",
+                "replug_own_raises_gold", "replug_own_favours_gold"):
         assert 0 <= result[key] <= 1
 
 

@@ -861,8 +861,9 @@ def signal_probe(cfg, log=print):
     qs = [q for q in dev_qs if q["gold"] in q["candidates"]][:cfg.probe_questions]
     if not qs:
         raise ValueError("--probe: no dev question has its gold passage among its candidates")
-    seen = {key: [] for key in ("equal raise", "equal favours", "own raise", "own favours", "focused",
-                                "replug", "retriever")}
+    seen = {key: [] for key in ("equal raise", "equal favours", "own raise", "own favours", "focused", "replug",
+                                "replug equal raise", "replug equal favours", "replug own raise", "replug own favours",
+                                "retriever")}
     for i in tqdm(range(0, len(qs), cfg.batch_size), desc="probe"):
         idx = range(i, min(i + cfg.batch_size, len(qs)))
         q, d, _ = examples(qs, passages, idx)
@@ -871,13 +872,17 @@ def signal_probe(cfg, log=print):
         prefix = dream.encode_prefix(lm, batch)
         with torch.no_grad():
             own = retriever.score(q, d)
+        with torch.no_grad():
+            nll = nll_per_document(lm, tok, qs, doc_ids, idx, cfg, device)
         for name, scores in (("equal", torch.zeros_like(own)), ("own", own)):
             out = dream.probe(lm, batch, scores, useful, heads, cfg.temperature, prefix=prefix)
             seen[f"{name} raise"] += out["raise"].tolist()
             seen[f"{name} favours"] += (out["favours"] == useful).tolist()
+            up, favours = replug_step(scores, F.softmax(-nll / cfg.beta, -1), useful, cfg.temperature)
+            seen[f"replug {name} raise"] += up.tolist()
+            seen[f"replug {name} favours"] += (favours == useful).tolist()
         seen["focused"] += (out["focused"] == useful).tolist()
-        with torch.no_grad():
-            seen["replug"] += (nll_per_document(lm, tok, qs, doc_ids, idx, cfg, device).argmin(1) == useful).tolist()
+        seen["replug"] += (nll.argmin(1) == useful).tolist()
         seen["retriever"] += (own.argmax(1) == useful).tolist()
     share = lambda key: sum(v > 0 for v in seen[key]) / len(qs)
     median = lambda key: sorted(seen[key])[len(qs) // 2]
@@ -886,6 +891,8 @@ def signal_probe(cfg, log=print):
               "equal_favours_gold": share("equal favours"), "own_raises_gold": share("own raise"),
               "own_median_raise": median("own raise"), "own_favours_gold": share("own favours"),
               "focus_on_gold_lowest_loss": share("focused"), "replug_ranks_gold_first": share("replug"),
+              "replug_equal_raises_gold": share("replug equal raise"), "replug_equal_favours_gold": share("replug equal favours"),
+              "replug_own_raises_gold": share("replug own raise"), "replug_own_favours_gold": share("replug own favours"),
               "retriever_ranks_gold_first": share("retriever"), "chance_first": 1 / cfg.k}
     rows = [("a descent step raises p(gold)", result["equal_raises_gold"], result["own_raises_gold"], "0.50"),
             ("  its median size (dp(gold) per unit step)", result["equal_median_raise"], result["own_median_raise"], ""),
@@ -893,6 +900,9 @@ def signal_probe(cfg, log=print):
              f"{1 / cfg.k:.2f}"),
             ("bias focused on the gold: the lowest loss", result["focus_on_gold_lowest_loss"], None, f"{1 / cfg.k:.2f}"),
             ("REPLUG-LSR: the gold alone, the lowest loss", result["replug_ranks_gold_first"], None, f"{1 / cfg.k:.2f}"),
+            ("REPLUG-LSR: its step raises p(gold)", result["replug_equal_raises_gold"], result["replug_own_raises_gold"], "0.50"),
+            ("REPLUG-LSR: its step raises the gold's score most", result["replug_equal_favours_gold"],
+             result["replug_own_favours_gold"], f"{1 / cfg.k:.2f}"),
             ("the retriever ranks the gold first", None, result["retriever_ranks_gold_first"], f"{1 / cfg.k:.2f}")]
     fmt = lambda v: "" if v is None else f"{v:.3g}" if abs(v) < 0.01 else f"{v:.2f}"
     lines = [f"signal probe: {len(qs)} dev questions with the gold among k = {cfg.k} candidates, tau = {cfg.temperature}",
@@ -903,6 +913,16 @@ def signal_probe(cfg, log=print):
         json.dump(result, f, indent=1)
     print(json.dumps(result))
     return result
+
+
+def replug_step(scores, target, useful, temperature):
+    """REPLUG-LSR's descent step on the scores [B, k] for the LM's target distribution Q [B, k]:
+    (the first-order change of p(useful) along a unit step, the document whose score it raises
+    most), as dream.probe reports them for DREAM. d KL(Q || softmax(s/tau)) / ds = (p - Q) / tau."""
+    p = F.softmax(scores / temperature, -1)
+    step = F.normalize(target - p, dim=-1)
+    p_useful = p.gather(1, useful[:, None])[:, 0]
+    return p_useful * (step.gather(1, useful[:, None])[:, 0] - (p * step).sum(1)) / temperature, step.argmax(1)
 
 
 def gather(items, world):
