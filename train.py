@@ -872,7 +872,6 @@ def signal_probe(cfg, log=print):
         prefix = dream.encode_prefix(lm, batch)
         with torch.no_grad():
             own = retriever.score(q, d)
-        with torch.no_grad():
             nll = nll_per_document(lm, tok, qs, doc_ids, idx, cfg, device)
         for name, scores in (("equal", torch.zeros_like(own)), ("own", own)):
             out = dream.probe(lm, batch, scores, useful, heads, cfg.temperature, prefix=prefix)
