@@ -20,26 +20,25 @@ the LM is exactly itself. The loss is the LM's next-token cross-entropy on y onl
 and its gradient reaches the retriever through b alone: the LM is frozen, and there are no
 relevance labels. Whichever document helps the LM predict y is pulled up.
 
-This is our reading of arXiv 2606.24667, whose equations are not public.
+The retriever is any sentence-transformers model; score(retriever, queries, docs) gives its [B, k]
+cosines with grad. This is our reading of arXiv 2606.24667, whose equations are not public.
 
 Sections: 1 score-biased attention, 2 the frozen LM, 3 packing a batch, 4 the loss, 5 the retriever,
 6 finding the heads to bias (retrieval heads, as QRHead finds them).
 """
-import json
 import math
 import os
-import warnings
 from dataclasses import dataclass, fields
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 from tqdm.auto import tqdm
-from transformers import AttentionInterface, AutoModel, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import cached_file
 
 # -----------------------------------------------------------------------------
 # 1. score-biased attention, written by hand
@@ -364,183 +363,53 @@ def dream_loss(lm, batch, scores, heads="all", temperature=0.05, reduction="mean
     return per_example.mean() if reduction == "mean" else per_example
 
 
-def probe(lm, batch, scores, useful, heads="all", temperature=0.05, focus=5.0, prefix=None):
-    """What the training signal says about each example's useful document (useful: [B] indices
-    among its k), at the given scores [B, k]. Returns [B] tensors:
-      raise:   the first-order change of p(useful) = softmax(s/tau)[useful] along a unit step of
-               descent on the DREAM loss (> 0: the step pulls the useful document up)
-      favours: the document whose score the descent step raises most
-      focused: the document whose bias focused on it (s/tau = focus there, 0 elsewhere) gives the
-               lowest loss: where the LM itself would look"""
-    B, k = scores.shape
-    prefix = encode_prefix(lm, batch) if prefix is None else prefix
-    s = scores.detach().float().requires_grad_()
-    grad, = torch.autograd.grad(dream_loss(lm, batch, s, heads, temperature, prefix=prefix), s)
-    p = F.softmax(s.detach() / temperature, -1)
-    p_useful = p.gather(1, useful[:, None])[:, 0]
-    # d p_u / d s = p_u (e_u - p) / tau, dotted with the unit descent direction -grad / |grad|
-    slope = -(grad.gather(1, useful[:, None])[:, 0] - (p * grad).sum(1)) * p_useful / temperature
-    with torch.no_grad():
-        focused = torch.stack([dream_loss(lm, batch, temperature * focus * F.one_hot(torch.full((B,), i), k).to(s),
-                                          heads, temperature, reduction="none", prefix=prefix) for i in range(k)], 1)
-    return {"raise": slope / grad.norm(dim=1).clamp(min=1e-30), "favours": (-grad).argmax(1),
-            "focused": focused.argmin(1)}
-
-
 # -----------------------------------------------------------------------------
-# 5. the retriever
+# 5. the retriever: any sentence-transformers model (Transformer -> Pooling -> Normalize)
 
-POOLING_KEYS = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token",
-                "last": "pooling_mode_lasttoken"}
-
-
-class Retriever(nn.Module):
-    """A bi-encoder on any HF encoder or decoder: pooled, L2-normalised embeddings.
-
-    pooling: "mean" over tokens, "cls" (first token), or "last" (last non-pad token, for decoder
-    embedders). None reads it from a sentence-transformers folder, else "mean".
-    lora: train low-rank adapters (peft) of this rank on every linear layer instead of all the
-    weights, as for 0.5B-3B decoder retrievers; or a peft.LoraConfig. A folder saved with LoRA
-    holds the adapter alone and loads back with it, trainable."""
-
-    def __init__(self, name_or_path, pooling=None, max_length=None, lora=None):
-        super().__init__()
-        adapter = _read_json(name_or_path, "adapter_config.json")
-        if adapter or lora:
-            import peft  # only LoRA needs it
-        if adapter:  # a saved LoRA retriever: its base model, then the adapter on top
-            base = AutoModel.from_pretrained(adapter["base_model_name_or_path"])
-            self.model = peft.PeftModel.from_pretrained(base, name_or_path, is_trainable=True)
-        else:
-            self.model = AutoModel.from_pretrained(name_or_path)
-        if lora:
-            if adapter:
-                raise ValueError(f"{name_or_path} already holds a LoRA adapter; load it without lora=")
-            config = lora if isinstance(lora, peft.LoraConfig) else peft.LoraConfig(
-                r=int(lora), lora_alpha=2 * int(lora), target_modules="all-linear")
-            self.model = peft.get_peft_model(self.model, config)
-        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        st_pooling, st_max_length = _read_sentence_transformers_config(name_or_path)
-        self.pooling = pooling or st_pooling or "mean"
-        if self.pooling not in POOLING_KEYS:
-            raise ValueError(f"pooling={self.pooling!r}: choose one of {list(POOLING_KEYS)}")
-        self.max_length = max_length or st_max_length or min(self.tokenizer.model_max_length, 512)
-        self.eval()  # as transformers loads models; call .train() to train with dropout
-
-    def tokenize(self, texts):
-        return self.tokenizer(list(texts), padding=True, truncation=True,
-                              max_length=self.max_length, return_tensors="pt")
-
-    def embed(self, texts):
-        """[N, d] unit vectors, with grad: the training path."""
-        inputs = self.tokenize(texts)
-        return self.pool(self.model(**inputs.to(self.device)).last_hidden_state, inputs["attention_mask"])
-
-    def pool(self, hidden, mask):
-        """[N, T, d] hidden states, [N, T] attention mask -> [N, d] unit vectors."""
-        mask = mask.to(hidden.device)
-        if self.pooling == "mean":
-            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        elif self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:  # last real token, whichever side the padding is on
-            last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
-            pooled = hidden[torch.arange(len(hidden)), last]
-        return F.normalize(pooled.float(), dim=-1)
-
-    @property
-    def device(self):
-        return next(self.parameters()).device
-
-    def forward(self, queries, docs=None):
-        """embed(queries); with docs (B lists of k), the cosine scores [B, k]: one call for the
-        queries, one for all the documents (short queries padded to document length would cost)."""
-        if docs is None:
-            return self.embed(queries)
-        d = self.embed([text for ds in docs for text in ds]).view(len(docs), len(docs[0]), -1)
-        return torch.einsum("bd,bkd->bk", self.embed(queries), d)
-
-    score = forward
-
-    @torch.no_grad()
-    def encode(self, texts, batch_size=64, progress=False):
-        """[N, d] float32 CPU embeddings without grad. All texts are tokenized in one call, then
-        batched by token count, so a batch holds texts of about one length (little padding)."""
-        tokens = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
-        order = sorted(range(len(tokens["input_ids"])), key=lambda i: len(tokens["input_ids"][i]), reverse=True)
-        out = torch.empty(len(order), self.model.get_input_embeddings().embedding_dim)
-        was_training = self.training
-        self.eval()
-        for i in tqdm(range(0, len(order), batch_size), desc="encoding", disable=not progress):
-            idx = order[i:i + batch_size]
-            inputs = self.tokenizer.pad({key: [value[j] for j in idx] for key, value in tokens.items()},
-                                        return_tensors="pt").to(self.device)
-            out[idx] = self.pool(self.model(**inputs).last_hidden_state, inputs["attention_mask"]).cpu()
-        self.train(was_training)
-        return out
-
-    def save(self, path):
-        """A folder that Retriever.load and sentence_transformers.SentenceTransformer both read.
-        With LoRA: the adapter alone, and the name of its base model."""
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        dim = self.model.get_input_embeddings().embedding_dim
-        pooling = {"word_embedding_dimension": dim, "pooling_mode_max_tokens": False,
-                   "pooling_mode_mean_sqrt_len_tokens": False}
-        pooling.update({key: mode == self.pooling for mode, key in POOLING_KEYS.items()})
-        modules = [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
-        files = {
-            "modules.json": [{"idx": i, "name": str(i), "path": p, "type": f"sentence_transformers.models.{t}"}
-                             for i, (p, t) in enumerate(modules)],
-            "sentence_bert_config.json": {"max_seq_length": self.max_length, "do_lower_case": False},
-            "1_Pooling/config.json": pooling,
-            "2_Normalize/config.json": {},
-        }
-        for name, content in files.items():
-            os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
-            with open(os.path.join(path, name), "w") as f:
-                json.dump(content, f, indent=2)
-
-    @classmethod
-    def load(cls, path, **kwargs):
-        return cls(path, **kwargs)
+POOLING = {"mean": "mean", "cls": "cls", "last": "lasttoken"}
 
 
-def _read_json(name_or_path, name, default=None):
-    """A JSON file of a local folder or hub repo, else default."""
-    try:
-        path = cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False)
-    except OSError:
-        path = None
-    if path is None:
-        return default
-    with open(path) as f:
-        return json.load(f)
+def load_retriever(name_or_path, pooling=None, lora=0, device=None):
+    """A SentenceTransformer to train. pooling: "mean", "cls" or "last" (the last token, for
+    decoder embedders); None keeps the folder's own (a plain transformers folder: mean).
+    lora > 0: LoRA adapters of that rank (peft) on every linear layer, the rest frozen."""
+    if pooling is None:
+        retriever = SentenceTransformer(name_or_path, device=device)
+    else:
+        if pooling not in POOLING:
+            raise ValueError(f"pooling={pooling!r}: choose one of {list(POOLING)}")
+        body = Transformer(name_or_path)
+        retriever = SentenceTransformer(modules=[body, Pooling(body.get_embedding_dimension(), POOLING[pooling]),
+                                                 Normalize()], device=device)
+    tok = retriever.tokenizer
+    if tok.pad_token is None:  # decoders often have none; padding is masked out
+        tok.pad_token = tok.eos_token or tok.unk_token
+    if lora:
+        import peft  # only LoRA needs it
+        body = retriever[0]
+        body.model = peft.get_peft_model(body.model, peft.LoraConfig(
+            r=int(lora), lora_alpha=2 * int(lora), target_modules="all-linear"))
+        # the saved adapter names its base: a local folder by its absolute path, to load from anywhere
+        base = body.model.peft_config["default"].base_model_name_or_path
+        if base and os.path.isdir(base):
+            body.model.peft_config["default"].base_model_name_or_path = os.path.abspath(base)
+    return retriever
 
 
-def _read_sentence_transformers_config(name_or_path):
-    """(pooling, max_length) from a sentence-transformers folder or hub repo, else (None, None)."""
-    read = lambda name, default=None: _read_json(name_or_path, name, default)
-    modules = read("modules.json", [])
-    kinds = {m["type"].rsplit(".", 1)[-1]: m["path"] for m in modules}
-    unknown = set(kinds) - {"Transformer", "Pooling", "Normalize"}
-    if unknown:  # e.g. a Dense projection: its embeddings would not be the model's
-        raise ValueError(f"{name_or_path}: sentence-transformers modules {sorted(unknown)} are not "
-                         "supported; Retriever is a transformer, pooling and L2 normalisation")
-    if modules and "Normalize" not in kinds:
-        warnings.warn(f"{name_or_path} was trained without normalisation; Retriever scores by cosine")
-    pool = read(os.path.join(kinds.get("Pooling", "1_Pooling"), "config.json"), {})
-    # newer sentence-transformers name the mode; older ones set one flag per mode
-    modes = pool.get("pooling_mode") or [k[len("pooling_mode_"):] for k, v in pool.items()
-                                         if k.startswith("pooling_mode_") and v is True]
-    by_flag = {key[len("pooling_mode_"):]: mode for mode, key in POOLING_KEYS.items()}  # lasttoken -> last
-    modes = [by_flag.get(m, m) for m in ([modes] if isinstance(modes, str) else modes)]
-    if len(modes) > 1 or (modes and modes[0] not in POOLING_KEYS):
-        raise ValueError(f"{name_or_path}: pooling {modes} is not supported; choose one of {list(POOLING_KEYS)}")
-    pooling = modes[0] if modes else None
-    return pooling, read("sentence_bert_config.json", {}).get("max_seq_length")
+def embed(retriever, texts):
+    """[N, d] unit vectors with grad: the training path of SentenceTransformer.encode."""
+    features = retriever.preprocess(list(texts))
+    features = {key: value.to(retriever.device) if torch.is_tensor(value) else value
+                for key, value in features.items()}
+    return F.normalize(retriever(features)["sentence_embedding"].float(), dim=-1)
+
+
+def score(retriever, queries, docs):
+    """[B, k] cosine scores with grad of B queries against their B lists of k documents: one
+    forward for the queries, one for all the documents (a query padded to a document's length
+    would cost)."""
+    d = embed(retriever, [text for ds in docs for text in ds]).view(len(docs), len(docs[0]), -1)
+    return torch.einsum("bd,bkd->bk", embed(retriever, queries), d)
 
 
 # -----------------------------------------------------------------------------

