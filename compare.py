@@ -243,7 +243,7 @@ def probe(lm, batch, scores, useful, heads="all", temperature=0.05, focus=5.0, p
     slope = -(grad.gather(1, useful[:, None])[:, 0] - (p * grad).sum(1)) * p_useful / temperature
     with torch.no_grad():
         focused = torch.stack([dream.dream_loss(lm, batch, temperature * focus * F.one_hot(torch.full((B,), i), k).to(s),
-                                          heads, temperature, reduction="none", prefix=prefix) for i in range(k)], 1)
+                                                heads, temperature, reduction="none", prefix=prefix) for i in range(k)], 1)
     return {"raise": slope / grad.norm(dim=1).clamp(min=1e-30), "favours": (-grad).argmax(1),
             "focused": focused.argmin(1)}
 
@@ -317,7 +317,7 @@ def signal_probe(cfg, questions=64, log=print):
 def replug_step(scores, target, useful, temperature):
     """REPLUG-LSR's descent step on the scores [B, k] for the LM's target distribution Q [B, k]:
     (the first-order change of p(useful) along a unit step, the document whose score it raises
-    most), as dream.probe reports them for DREAM. d KL(Q || softmax(s/tau)) / ds = (p - Q) / tau."""
+    most), as probe reports them for DREAM. d KL(Q || softmax(s/tau)) / ds = (p - Q) / tau."""
     p = F.softmax(scores / temperature, -1)
     step = F.normalize(target - p, dim=-1)
     p_useful = p.gather(1, useful[:, None])[:, 0]

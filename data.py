@@ -212,6 +212,7 @@ def add_candidates(questions, passages, k, seed):
         if len(q["candidates"]) < k:
             raise ValueError(f"BM25 found only {len(q['candidates'])} passages for {q['query']!r}; need k={k}")
 
+
 def beir_folders(cfg, log):
     """--eval-data as BEIR folders or names: none, a list, or <data_dir>/scifact (else downloaded)."""
     if cfg.eval_data == "none":

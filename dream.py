@@ -393,7 +393,7 @@ def load_retriever(name_or_path, pooling=None, lora=0, device=None):
         base = body.model.peft_config["default"].base_model_name_or_path
         if base and os.path.isdir(base):
             body.model.peft_config["default"].base_model_name_or_path = os.path.abspath(base)
-    return retriever
+    return retriever.eval()  # as transformers loads a model (no dropout); .train() to train
 
 
 def embed(retriever, texts):
@@ -408,6 +408,9 @@ def score(retriever, queries, docs):
     """[B, k] cosine scores with grad of B queries against their B lists of k documents: one
     forward for the queries, one for all the documents (a query padded to a document's length
     would cost)."""
+    if len(docs) != len(queries) or len({len(ds) for ds in docs}) != 1:
+        raise ValueError(f"score: {len(queries)} queries and document lists of {sorted({len(ds) for ds in docs})} "
+                         "documents; give each query a list of the same k documents")
     d = embed(retriever, [text for ds in docs for text in ds]).view(len(docs), len(docs[0]), -1)
     return torch.einsum("bd,bkd->bk", embed(retriever, queries), d)
 

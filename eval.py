@@ -398,7 +398,7 @@ def evaluate_questions(retriever, sets, passages, pool=None):
     corpus = {f"p{j}": passages[j] for j in (range(len(passages)) if pool is None else pool)}
     queries = {qid: q["query"] for qid, q in judged.items()}
     run = bm25_search(corpus, queries) if retriever is None else \
-        dense_search(retriever, corpus, queries, top_k=100, progress=False)
+        dense_search(retriever, corpus, queries, top_k=100, progress=pool is None)  # quiet health checks
     out = {}
     for name in sets:
         qids = [f"{name}{i}" for i, q in enumerate(sets[name]) if q["gold"] is not None]

@@ -319,6 +319,8 @@ def test_load_retriever_keeps_a_folders_pooling_unless_told_otherwise(tmp_path):
     assert (again[1].pooling_mode, again.max_seq_length) == ("cls", 7)
     assert dream.load_retriever(saved, pooling="mean")[1].pooling_mode == "mean"  # an explicit choice wins
     assert dream.load_retriever(tiny_encoder_folder(tmp_path))[1].pooling_mode == "mean"  # a plain folder
+    # in eval mode, every module: a before-training evaluation draws no dropout (and no random numbers)
+    assert not any(m.training for m in again.modules())
     with pytest.raises(ValueError, match=r"pooling='max': choose one of \['mean', 'cls', 'last'\]"):
         dream.load_retriever(saved, pooling="max")
 
@@ -898,6 +900,8 @@ def test_score_embeds_all_documents_in_one_call(tmp_path):
     hook.remove()
     want = torch.stack([dream.embed(retriever, ds) @ dream.embed(retriever, [q])[0] for q, ds in zip(queries, docs)])
     assert len(calls) == 2 and (scores - want).abs().max() <= 1e-5  # the queries, then all documents
+    with pytest.raises(ValueError, match=r"document lists of \[2, 3\] documents"):
+        dream.score(retriever, queries, [docs[0], docs[1][:2], docs[2]])
 
 
 # -----------------------------------------------------------------------------

@@ -380,9 +380,10 @@ def gather(items, world):
     return [item for part in lists for item in part]
 
 
-def train(cfg, log=print):
-    """Train; under torchrun (one process per GPU, or per CPU with gloo) every rank takes its share
-    of each global batch and DistributedDataParallel averages the gradients, as in nanoGPT."""
+def train(cfg, log=tqdm.write):
+    """Train (log: tqdm.write keeps the progress bar whole); under torchrun (one process per GPU,
+    or per CPU with gloo) every rank takes its share of each global batch and
+    DistributedDataParallel averages the gradients, as in nanoGPT."""
     rank, world, device = init_distributed()
     device = torch.device(device)
     master = rank == 0  # logs, checkpoints, writes the report
@@ -507,7 +508,6 @@ def train(cfg, log=print):
         report.setdefault("loss", []).append([step, loss.item()])
         if cfg.health_every and (step + 1) % cfg.health_every == 0:
             health(step + 1)
-            retriever.train()
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             rng = gather([torch.get_rng_state()], world)  # each rank's dropout stream
             if master:
