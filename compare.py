@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import dream
-from data import beir_folders, load_data
+from data import beir_sets, load_data
 from eval import evaluate_beir, evaluate_questions, paired_bootstrap
 from train import (Config, add_config_flags, choose_heads, examples, lm_batch, load_lm, nll_per_document,
                    resolve_models, settings, train)
@@ -85,7 +85,7 @@ def compare(cfg, grid_lr="3e-5,1e-4,3e-4", grid_temperature="0.05,0.2", seeds=2,
     def with_beir(folder):  # a best grid run is its method's first seed: only BEIR is left to score
         report, path = runs[folder], os.path.join(cfg.out_dir, folder, "beir.json")
         if not os.path.exists(path):
-            beir = evaluate_beir(dream.load_retriever(os.path.join(cfg.out_dir, folder, "encoder")), beir_folders(cfg, log), log)
+            beir = evaluate_beir(dream.load_retriever(os.path.join(cfg.out_dir, folder, "encoder")), beir_sets(cfg, log), log)
             with open(path, "w") as f:
                 json.dump(beir, f)
         with open(path) as f:
@@ -130,7 +130,7 @@ def bm25_report(cfg, log):
     _, tok = load_lm(lm_name, log)
     _, dev_qs, test_qs, passages, _ = load_data(cfg, tok, lambda *_: None)
     qa = evaluate_questions(None, {"dev": dev_qs, "test": test_qs}, passages)
-    beir = evaluate_beir(None, beir_folders(cfg, log), lambda *_: None)
+    beir = evaluate_beir(None, beir_sets(cfg, log), lambda *_: None)
     report = {"config": dataclasses.asdict(cfg),
               "after": {"qa": {n: m for n, (m, _) in qa.items()}, "beir": {n: m for n, (m, _) in beir.items()},
                         "per_query": {n: {m: v[m] for m in ("ndcg@10", "recall@100")}

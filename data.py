@@ -14,13 +14,14 @@ import json
 import os
 import random
 import re
+from collections import Counter
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import dream
-from eval import bm25_search, find_file, ids_and_texts, read_json_lines, read_jsonl
+from eval import bm25_search, find_file, ids_and_texts, read_json_lines, read_jsonl, read_qrels
 
 # -----------------------------------------------------------------------------
 # questions, passages, a held-out split by article, BM25 candidates
@@ -46,6 +47,29 @@ def read_json_rows(path):
     return data
 
 
+def lm_tokens(tok):
+    """text -> how many LM tokens it is."""
+    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def read_corpus(path):
+    """{doc id: {"title", "text"}} of a BEIR folder (its corpus.jsonl[.gz]) or of a JSONL of
+    passages, one {"text": ...} a line ("_id" or "id", and "title", optional)."""
+    if os.path.isdir(path):
+        if not any(os.path.isfile(os.path.join(path, f)) for f in ("corpus.jsonl", "corpus.jsonl.gz")):
+            raise ValueError(f"--corpus {path}: a folder needs corpus.jsonl (or .gz), the BEIR layout; or give "
+                             "a JSONL file of passages, one {\"text\": ...} a line")
+        return read_jsonl(find_file(path, "corpus.jsonl"))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--corpus {path} not found: give a BEIR folder or a JSONL file of passages")
+    corpus = {}
+    for n, row in read_json_lines(path):
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ValueError(f"{path}, line {n}: expected a JSON object with a \"text\" field (a passage)")
+        corpus[str(row.get("_id", row.get("id", n)))] = row
+    return corpus
+
+
 def load_questions(cfg, tok, log):
     """questions: list of dicts {query, target, group, gold}; passages: list of strings.
     SQuAD-schema data: each paragraph is cut into passages of whole sentences that fit
@@ -62,17 +86,12 @@ def load_questions(cfg, tok, log):
     if not rows:
         raise ValueError(f"{path}: no questions")
     if "context" in rows[0]:  # SQuAD schema
-        questions, passages = squad_passages(rows, lambda text: len(tok(text, add_special_tokens=False)["input_ids"]),
-                                             cfg.max_doc_tokens, path, log)
+        questions, passages, _ = squad_passages(rows, lm_tokens(tok), cfg.max_doc_tokens, path, log)
     elif "query" in rows[0] and "target" in rows[0]:
         if not cfg.corpus:
             raise ValueError(f"{path} holds {{query, target}} rows: give --corpus (a BEIR folder or a JSONL "
                              "of passages with a \"text\" field) to mine candidates from")
-        if os.path.isdir(cfg.corpus):
-            corpus = read_jsonl(find_file(cfg.corpus, "corpus.jsonl"))
-        else:
-            corpus = {str(i): row for i, row in enumerate(read_json_rows(cfg.corpus))}
-        passages = ids_and_texts(corpus)[1]
+        passages = ids_and_texts(read_corpus(cfg.corpus))[1]
         # the retriever scores what the LM reads: a passage longer than max_doc_tokens is cut for both
         ids = tok(passages, add_special_tokens=False)["input_ids"]
         passages = [tok.decode(t[:cfg.max_doc_tokens]) if len(t) > cfg.max_doc_tokens else p
@@ -132,9 +151,9 @@ def split_paragraph(text, count, max_tokens):
 
 
 def squad_passages(rows, count, max_tokens, path, log):
-    """(questions, passages) from SQuAD rows: every paragraph split by split_paragraph; a question
-    whose answer crosses a passage boundary is dropped (and counted)."""
-    passages, spans = [], {}
+    """(questions, passages, the paragraph of each passage) from SQuAD rows: every paragraph split
+    by split_paragraph; a question whose answer crosses a passage boundary is dropped (and counted)."""
+    passages, spans, owner = [], {}, []
     for n, r in enumerate(rows, 1):
         context = r["context"]
         if context in spans:
@@ -146,6 +165,7 @@ def squad_passages(rows, count, max_tokens, path, log):
         for a, b in split_paragraph(context, count, max_tokens):
             spans[context].append((a, b, len(passages)))
             passages.append(context[a:b].strip())
+            owner.append(len(spans))
     questions, crossing = [], 0
     for r in rows:
         answers = r["answers"]
@@ -162,7 +182,7 @@ def squad_passages(rows, count, max_tokens, path, log):
         questions.append({"query": r["question"], "target": answer, "group": r["title"], "gold": gold})
     log(f"{len(spans):,} paragraphs cut into {len(passages):,} passages of <= {max_tokens} LM tokens; "
         f"{crossing} of {crossing + len(questions):,} questions dropped (answer across a passage boundary)")
-    return questions, passages
+    return questions, passages, owner
 
 
 def hold_out(questions, n_dev, n_test, seed):
@@ -183,12 +203,16 @@ def hold_out(questions, n_dev, n_test, seed):
 
 def load_data(cfg, tok, log):
     """(train, dev, test questions with their BM25 candidates, passages, {passage: LM token ids})."""
-    questions, passages = load_questions(cfg, tok, log)
-    train_qs, dev_qs, test_qs = hold_out(questions, cfg.dev_questions, cfg.test_questions, cfg.data_seed)
-    if not dev_qs:
-        raise ValueError("no held-out question: the data needs at least two articles (groups) and "
-                         "--dev-questions >= 1")
-    add_candidates(train_qs + dev_qs + test_qs, passages, cfg.k, cfg.data_seed)
+    if cfg.corpus and not cfg.train_data:  # no labels at all: examples made from the text
+        train_qs, dev_qs, test_qs, passages = corpus_data(cfg, tok, log)
+    else:
+        questions, passages = load_questions(cfg, tok, log)
+        train_qs, dev_qs, test_qs = hold_out(questions, cfg.dev_questions, cfg.test_questions, cfg.data_seed)
+        if not dev_qs:
+            raise ValueError("no held-out question: the data needs at least two articles (groups) and "
+                             "--dev-questions >= 1")
+        add_candidates(train_qs + dev_qs + test_qs, passages, cfg.k, cfg.data_seed)
+        log(f"{len(train_qs):,} training questions; held out (whole articles): {len(dev_qs)} dev, {len(test_qs)} test")
     used = sorted({j for q in train_qs + dev_qs + test_qs for j in q["candidates"]})
     tokenized = tok([passages[j] for j in used], add_special_tokens=False)["input_ids"]  # once, not per step
     doc_ids = {j: ids[:cfg.max_doc_tokens] for j, ids in zip(used, tokenized)}
@@ -197,33 +221,56 @@ def load_data(cfg, tok, log):
         inside = sum(q["target"] in tok.decode(doc_ids[q["gold"]]) for q in golds)
         log(f"training answers inside what the LM reads: {inside / len(golds):.1%} of the {len(golds):,} "
             f"questions whose gold passage is a candidate")
-    log(f"{len(train_qs):,} training questions; held out (whole articles): {len(dev_qs)} dev, {len(test_qs)} test")
     return train_qs, dev_qs, test_qs, passages, doc_ids
 
 
-def add_candidates(questions, passages, k, seed):
+def add_candidates(questions, passages, k, seed, owner=None):
     """Each question's BM25 top-k over the pool (the retriever then scores just these), in a
-    random order: BM25's order would tell the position of its favourite."""
+    random order: BM25's order would tell the position of its favourite. owner: each passage's
+    document; then a question's own document (its group) gives none of its candidates."""
+    spare = max(Counter(owner).values()) if owner else 0  # enough to skip a whole document's pieces
     run = bm25_search({f"p{j}": p for j, p in enumerate(passages)},
-                      {f"q{i}": q["query"] for i, q in enumerate(questions)}, top_k=k)
+                      {f"q{i}": q["query"] for i, q in enumerate(questions)}, top_k=k + spare)
     for i, q in enumerate(questions):
-        q["candidates"] = [int(pid[1:]) for pid in run[f"q{i}"]]
+        ranked = [int(pid[1:]) for pid in run[f"q{i}"]]
+        q["candidates"] = [j for j in ranked if owner is None or owner[j] != q["group"]][:k]
         random.Random(seed + i).shuffle(q["candidates"])
         if len(q["candidates"]) < k:
-            raise ValueError(f"BM25 found only {len(q['candidates'])} passages for {q['query']!r}; need k={k}")
+            raise ValueError(f"BM25 found only {len(q['candidates'])} passages for {q['query']!r}"
+                             f"{' outside its own document' if owner else ''}; need k={k}: lower --k")
 
 
-def beir_folders(cfg, log):
-    """--eval-data as BEIR folders or names: none, a list, or <data_dir>/scifact (else downloaded)."""
+def beir_sets(cfg, log):
+    """[(name, BEIR folder, split, query ids or None for all)] to evaluate: each --eval-data folder's
+    test queries (none; a list; "" = <data_dir>/scifact, else downloaded). With --corpus alone and
+    a BEIR folder there, that folder: its dev queries to choose settings on ("<name> dev":
+    qrels/dev.tsv, else train.tsv, else a fixed random half of the test queries) and its test
+    queries to report (the other half, if halved)."""
+    corpus_folder = cfg.corpus if cfg.corpus and not cfg.train_data and os.path.isdir(cfg.corpus) else None
     if cfg.eval_data == "none":
         return []
-    if cfg.eval_data:
-        return cfg.eval_data.split(",")
-    folder = os.path.join(cfg.data_dir, "scifact")
-    if not os.path.isdir(folder):
-        log(f"{folder} not found: SciFact will be downloaded (eval.py's cache)")
-        return ["scifact"]
-    return [folder]
+    if cfg.eval_data or corpus_folder:
+        folders = cfg.eval_data.split(",") if cfg.eval_data else [corpus_folder]
+    elif os.path.isdir(os.path.join(cfg.data_dir, "scifact")):
+        folders = [os.path.join(cfg.data_dir, "scifact")]
+    else:
+        log(f"{os.path.join(cfg.data_dir, 'scifact')} not found: SciFact will be downloaded (eval.py's cache)")
+        folders = ["scifact"]
+    sets = []
+    for folder in folders:
+        name = os.path.basename(os.path.normpath(folder))
+        if folder != corpus_folder:
+            sets.append((name, folder, "test", None))
+            continue
+        dev = next((split for split in ("dev", "train")
+                    if os.path.isfile(os.path.join(folder, "qrels", f"{split}.tsv"))), None)
+        if dev:
+            sets += [(f"{name} dev", folder, dev, None), (name, folder, "test", None)]
+        else:  # a fixed random half of the test queries chooses, the other half is reported
+            qids = sorted(read_qrels(find_file(folder, os.path.join("qrels", "test.tsv"))))
+            half = set(random.Random(cfg.data_seed).sample(qids, len(qids) // 2))
+            sets += [(f"{name} dev", folder, "test", half), (name, folder, "test", set(qids) - half)]
+    return sets
 
 
 def health_set(dev_qs, n_passages, cfg):
@@ -236,6 +283,80 @@ def health_set(dev_qs, n_passages, cfg):
     rest = [j for j in range(n_passages) if j not in pool]
     pool |= set(random.Random(cfg.data_seed).sample(rest, max(0, min(len(rest), cfg.health_pool - len(pool)))))
     return qs, sorted(pool)
+
+
+# -----------------------------------------------------------------------------
+# no labels at all (--corpus without --train-data): training examples made from the text alone
+
+
+def corpus_data(cfg, tok, log):
+    """(train examples, dev, test, passages) from --corpus alone. A BEIR folder or a JSONL of
+    passages: each document (title, then text) cut into passages the LM reads whole. A SQuAD-schema
+    file: its paragraphs, cut as for --train-data; its questions never train, they only evaluate
+    (QA dev and test, held out by article as there). Every passage gives one example
+    (corpus_examples); the examples of a few whole documents are held out (first in dev) for the
+    validation loss."""
+    count, path, questions = lm_tokens(tok), cfg.corpus, []
+    rows = None if os.path.isdir(path) or not os.path.isfile(path) else read_json_rows(path)
+    if rows and isinstance(rows[0], dict) and "context" in rows[0]:
+        questions, passages, owner = squad_passages(rows, count, cfg.max_doc_tokens, path, log)
+    else:
+        passages, owner = [], []
+        for doc, row in read_corpus(path).items():
+            title, text = (row.get("title") or "").strip(), (row.get("text") or "").strip()
+            text = f"{title}{'' if title[-1:] in '.!?' else '.'} {text}".strip() if title else text
+            for a, b in split_paragraph(text, count, cfg.max_doc_tokens):
+                passages.append(text[a:b].strip())
+                owner.append(doc)
+    if not passages:
+        raise ValueError(f"--corpus {path}: no document has any text (the corpus is empty): give documents "
+                         "with a \"text\" field")
+    if len(passages) <= cfg.k:
+        raise ValueError(f"--corpus {path}: {len(passages)} passages with text; each example needs k = {cfg.k} "
+                         f"candidates from other documents: give more than {cfg.k} passages, or a lower --k")
+    examples = corpus_examples(passages, owner, count, cfg.target_tokens)
+    if not examples:
+        raise ValueError(f"--corpus {path}: no passage has text to split into a query and a target (two words "
+                         "or more); give passages of a sentence or longer")
+    train_qs, val_qs, _ = hold_out(examples, cfg.val_loss_questions, 0, cfg.data_seed)
+    add_candidates(train_qs + val_qs, passages, cfg.k, cfg.data_seed, owner)
+    _, dev_qs, test_qs = hold_out(questions, cfg.dev_questions, cfg.test_questions, cfg.data_seed)
+    if dev_qs + test_qs:
+        add_candidates(dev_qs + test_qs, passages, cfg.k, cfg.data_seed)
+    log(f"{len(examples):,} examples from the text of {len(set(owner)):,} documents ({len(passages):,} passages "
+        f"of <= {cfg.max_doc_tokens} LM tokens; no question trains); {len(val_qs)} held out (whole documents) "
+        f"for the validation loss" + (f"; QA questions only evaluate: {len(dev_qs)} dev, {len(test_qs)} test"
+                                      if questions else ""))
+    return train_qs, val_qs + dev_qs, test_qs, passages
+
+
+def corpus_examples(passages, owner, count, target_tokens):
+    """One example a passage, from its text alone: the query its first sentence, the target what
+    follows, cut to target_tokens (a passage of one sentence: its first and second half of words).
+    The group is the passage's document: no piece of it is ever among the example's candidates,
+    or the LM would copy the continuation out of its source."""
+    examples = []
+    for text, doc in zip(passages, owner):
+        spans = sentence_spans(text)
+        if len(spans) >= 2:
+            query, target = text[:spans[0][1]].strip(), text[spans[1][0]:].strip()
+        else:
+            words = text.split()
+            query, target = " ".join(words[:len(words) // 2]), " ".join(words[len(words) // 2:])
+        if query and target:
+            examples.append({"query": query, "target": first_words(target, count, target_tokens), "group": doc,
+                             "gold": None})
+    return examples
+
+
+def first_words(text, count, max_tokens):
+    """The longest run of text's first words (one at least) that fits max_tokens."""
+    words = text.split()
+    lo, hi = 1, len(words)
+    while lo < hi:  # the largest n whose first n words fit
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if count(" ".join(words[:mid])) <= max_tokens else (lo, mid - 1)
+    return " ".join(words[:lo])
 
 
 # -----------------------------------------------------------------------------

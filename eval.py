@@ -388,10 +388,11 @@ def paired_bootstrap(a, b, resamples=10000, confidence=0.95, seed=0):
 # whole evaluations, as train.py runs them: held-out questions over a passage pool, BEIR folders
 
 
-def evaluate_questions(retriever, sets, passages, pool=None):
+def evaluate_questions(retriever, sets, passages, pool=None, log=lambda *_: None):
     """{name: (means, per-query values)} of finding each question's gold passage among passages
     (or the indices in pool), for sets {name: [{"query", "gold"}, ...]} (train.py's held-out
-    questions); one encoding of the pool serves them all. retriever None: BM25."""
+    questions; those without a gold passage are left out); one encoding of the pool serves them
+    all. retriever None: BM25."""
     judged = {f"{name}{i}": q for name, qs in sets.items() for i, q in enumerate(qs) if q["gold"] is not None}
     if not judged:
         return None
@@ -404,18 +405,28 @@ def evaluate_questions(retriever, sets, passages, pool=None):
         qids = [f"{name}{i}" for i, q in enumerate(sets[name]) if q["gold"] is not None]
         out[name] = evaluate({qid: {f"p{judged[qid]['gold']}": 1} for qid in qids},
                              {qid: run.get(qid, {}) for qid in qids}, per_query=True)
+        log(f"QA {name}: nDCG@10 {out[name][0]['ndcg@10']:.4f}, Recall@100 {out[name][0]['recall@100']:.4f} "
+            f"({len(qids)} questions)")
     return out
 
 
-def evaluate_beir(retriever, folders, log):
-    """{name: (means, per-query values)} of each BEIR folder's test queries (retriever None: BM25)."""
+def evaluate_beir(retriever, sets, log):
+    """{name: (means, per-query values)} of BEIR query sets [(name, folder, split, query ids or
+    None for all)] (data.beir_sets); one search of a folder's corpus serves all its sets (a query id
+    names one query in every split). retriever None: BM25."""
     results = {}
-    for folder in folders:
-        corpus, queries, qrels = load_beir(folder)
+    for folder in dict.fromkeys(folder for _, folder, _, _ in sets):
+        mine = [(name, split, keep) for name, f, split, keep in sets if f == folder]
+        qrels, queries = {}, {}
+        for name, split, keep in mine:
+            corpus, split_queries, split_qrels = load_beir(folder, split)
+            qrels[name] = {q: r for q, r in split_qrels.items() if keep is None or q in keep}
+            queries.update({q: split_queries[q] for q in qrels[name]})
         run = bm25_search(corpus, queries) if retriever is None else dense_search(retriever, corpus, queries)
-        name = os.path.basename(os.path.normpath(folder))
-        results[name] = evaluate(qrels, run, per_query=True)
-        log(f"{name}: nDCG@10 {results[name][0]['ndcg@10']:.4f}, Recall@100 {results[name][0]['recall@100']:.4f}")
+        for name, _, _ in mine:
+            results[name] = evaluate(qrels[name], {q: run.get(q, {}) for q in qrels[name]}, per_query=True)
+            log(f"{name}: nDCG@10 {results[name][0]['ndcg@10']:.4f}, Recall@100 {results[name][0]['recall@100']:.4f} "
+                f"({len(qrels[name])} queries)")
     return results
 
 

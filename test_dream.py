@@ -1239,7 +1239,8 @@ def test_passages_keep_every_answer_inside_and_refuse_an_empty_paragraph():
     rows = [{"id": str(i), "title": "t", "context": context, "question": f"q{i}",
              "answers": {"text": [a], "answer_start": [context.index(a)]}}
             for i, a in enumerate(["second one", "third", "w3 w4", "w10 w11 w12", "The end"])]
-    questions, passages = data.squad_passages(rows, count, 12, "data.jsonl", log=lambda *_: None)
+    questions, passages, owner = data.squad_passages(rows, count, 12, "data.jsonl", log=lambda *_: None)
+    assert len(owner) == len(passages) and set(owner) == {1}  # one paragraph
     for q in questions:
         assert q["target"] in passages[q["gold"]]
     # the 30-word sentence is cut after w11: "w10 w11 w12" crosses the cut and is dropped
@@ -1284,3 +1285,76 @@ def test_question_normalised_dream_gives_every_question_a_unit_gradient(tmp_path
     assert abs(loss.item() - want.item()) <= 1e-6  # the value is the DREAM loss
     g, = torch.autograd.grad(want, plain)
     torch.testing.assert_close(scores.grad, g / g.norm(dim=1, keepdim=True) / 3)  # its direction, unit per question
+
+
+# -----------------------------------------------------------------------------
+# no labels at all: --corpus alone makes its training examples from the text
+
+
+def toy_collection(tmp_path, n=10):
+    """A BEIR folder of n documents; every sentence of document i holds the word w<i>, so a
+    passage tells its document. Test queries (no train or dev qrels): one per document."""
+    topics = ["cats purr", "dogs bark", "fish swim"]
+    corpus = [{"_id": str(i), "title": f"w{i} {topics[i % 3]}",
+               "text": f"w{i} {topics[i % 3]} often. Then w{i} sleeps a lot. At night w{i} {topics[i % 3]} again."}
+              for i in range(n)]
+    queries = [{"_id": f"q{i}", "text": f"does w{i} {topics[i % 3]}"} for i in range(n)]
+    return write_beir(tmp_path / "collection", corpus, queries, [(f"q{i}", str(i), 1) for i in range(n)])
+
+
+def corpus_config(tmp_path, folder, **changes):
+    cfg = tiny_training_setup(tmp_path)
+    return dataclasses.replace(cfg, train_data="", corpus=folder, eval_data="", max_doc_tokens=9, target_tokens=6,
+                               val_loss_questions=4, **changes)
+
+
+def test_corpus_examples_never_have_their_own_document_among_their_candidates(tmp_path):
+    cfg = corpus_config(tmp_path, toy_collection(tmp_path))
+    train_qs, dev_qs, test_qs, passages, doc_ids = data.load_data(cfg, TOK, log=lambda *_: None)
+    assert len(passages) > 10 and not test_qs and len(dev_qs) >= 4  # several passages a document
+    for q in train_qs + dev_qs:
+        assert q["gold"] is None and len(q["candidates"]) == cfg.k
+        assert q["query"] and q["target"] and q["target"] not in q["query"]
+        assert all(f"w{q['group']} " not in passages[j] for j in q["candidates"]), q  # no piece of its document
+        assert len(TOK(q["target"], add_special_tokens=False)["input_ids"]) <= cfg.target_tokens
+    assert {q["group"] for q in dev_qs}.isdisjoint(q["group"] for q in train_qs)  # held out by document
+    # BM25 alone would have put the example's own pieces first
+    run = beir_eval.bm25_search(passages, [q["query"] for q in train_qs], top_k=1)
+    assert all(f"w{q['group']} " in passages[next(iter(run[i]))] for i, q in enumerate(train_qs))
+
+
+def test_a_tiny_corpus_trains_end_to_end_and_reports_dev_and_test_halves(tmp_path):
+    import train
+    cfg = corpus_config(tmp_path, toy_collection(tmp_path), steps=3, checkpoint_every=3)
+    retriever, report = train.train(cfg, log=lambda *_: None)
+    for when in ("before", "after"):
+        assert set(report[when]["beir"]) == {"collection dev", "collection"} and report[when]["qa"] is None
+        dev, test = (set(report[when]["per_query"][s]["ndcg@10"]) for s in ("collection dev", "collection"))
+        assert len(dev) == 5 and len(test) == 5 and not dev & test  # a fixed random half each
+    assert report["loss"][-1][0] == 2 and (tmp_path / "run" / "encoder" / "modules.json").exists()
+    summary = train.summary(report, "enc")
+    assert "collection dev nDCG@10, after - before:" in summary and "collection nDCG@10, after - before:" in summary
+
+
+def test_corpus_errors_name_the_file_and_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"needs corpus.jsonl \(or .gz\), the BEIR layout"):
+        (tmp_path / "empty_folder").mkdir()
+        data.load_data(corpus_config(tmp_path, str(tmp_path / "empty_folder")), TOK, log=lambda *_: None)
+    with pytest.raises(FileNotFoundError, match="--corpus .*missing.jsonl not found"):
+        data.load_data(corpus_config(tmp_path, str(tmp_path / "missing.jsonl")), TOK, log=lambda *_: None)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a passage. of text."}\n{"title": "no text"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: expected a JSON object with a \"text\" field"):
+        data.load_data(corpus_config(tmp_path, str(bad)), TOK, log=lambda *_: None)
+    empty = write_beir(tmp_path / "nothing", [{"_id": "1", "title": "", "text": " "}], QUERIES, QRELS)
+    with pytest.raises(ValueError, match=r"nothing: no document has any text \(the corpus is empty\)"):
+        data.load_data(corpus_config(tmp_path, empty), TOK, log=lambda *_: None)
+    few = write_beir(tmp_path / "few", [{"_id": "1", "text": "one. two."}, {"_id": "2", "text": "three. four."}],
+                     QUERIES, QRELS)
+    with pytest.raises(ValueError, match=r"few: 2 passages with text; each example needs k = 2 candidates from "
+                                         r"other documents: give more than 2 passages, or a lower --k"):
+        data.load_data(corpus_config(tmp_path, few), TOK, log=lambda *_: None)
+    words = tmp_path / "words.jsonl"
+    words.write_text("".join(json.dumps({"text": w}) + "\n" for w in ["alpha", "beta", "gamma", "delta"]))
+    with pytest.raises(ValueError, match=r"words.jsonl: no passage has text to split into a query and a target"):
+        data.load_data(corpus_config(tmp_path, str(words)), TOK, log=lambda *_: None)

@@ -7,6 +7,7 @@ Train a retriever with DREAM.
     python train.py --small --steps 200 --heads=-10: ...   any Config field, as --field value
     python train.py --small --resume      go on from out_dir/ckpt.pt
     python train.py --train-data FILE [--corpus DIR] --lm NAME --encoder NAME   your data and models
+    python train.py --corpus DIR          no labels: examples made from a collection's text (data.py)
     torchrun --standalone --nproc_per_node=8 train.py --small --batch-size 64
 
 Each question's k candidates are its BM25 top-k over the passage pool, and the target is its
@@ -32,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 import dream
-from data import ToyWorld, beir_folders, health_set, load_data
+from data import ToyWorld, beir_sets, health_set, load_data
 from eval import evaluate_beir, evaluate_questions, init_distributed, paired_bootstrap
 
 # -----------------------------------------------------------------------------
@@ -78,7 +79,9 @@ class Config:
     lm: str = "auto"            # hub name, folder or .gguf; auto: the offline SmolLM2 package, else the hub
     encoder: str = "auto"       # hub name or folder; auto: the offline MiniLM package, else the hub
     train_data: str = ""        # SQuAD-schema JSON/JSONL, {"query","target"} JSONL, or "squad" (hub)
-    corpus: str = ""            # passages for {"query","target"} data: a BEIR folder or JSONL
+    corpus: str = ""            # a BEIR folder, JSONL of passages or SQuAD file: candidates for {"query","target"}
+                                # data; alone (no train_data), the text that makes the training examples
+    target_tokens: int = 32     # --corpus alone: a passage's continuation after its first sentence, cut to this
     eval_data: str = ""         # BEIR folders or names, comma-separated; "" = <data_dir>/scifact; none
     data_dir: str = os.environ.get("DREAM_DATA", "../shared/data")
     out_dir: str = "out/small"
@@ -425,16 +428,14 @@ def train(cfg, log=tqdm.write):
         dist.broadcast_object_list(chosen)  # ranked once, on rank 0
     cfg = dataclasses.replace(cfg, heads=chosen[0])
     dream.resolve_heads(lm, cfg.heads)
-    eval_folders = beir_folders(cfg, log)
+    eval_sets = beir_sets(cfg, log)
     val_loss_qs = dev_qs[:cfg.val_loss_questions]
     health_qs, health_pool = health_set(dev_qs, len(passages), cfg)
 
     def evaluation(when):
         t = time.time()
-        qa = evaluate_questions(retriever, {"dev": dev_qs, "test": test_qs}, passages)
-        for name, (means, _) in (qa or {}).items():
-            log(f"QA {name}: nDCG@10 {means['ndcg@10']:.4f}, Recall@100 {means['recall@100']:.4f}")
-        beir = evaluate_beir(retriever, eval_folders, log)
+        qa = evaluate_questions(retriever, {"dev": dev_qs, "test": test_qs}, passages, log=log)
+        beir = evaluate_beir(retriever, eval_sets, log)
         val = validation(lm, tok, retriever, val_loss_qs, passages, doc_ids, cfg, autocast, rank, world)
         log(f"{when} evaluated in {time.time() - t:.0f}s")
         return {"val_loss_and_gold_top1": val, "qa": qa and {name: means for name, (means, _) in qa.items()},
@@ -575,8 +576,8 @@ def parse_args(argv=None):
     parser.add_argument("--toy", action="store_true", help="the toy world (offline, < 2 min on a CPU)")
     parser.add_argument("--small", action="store_true", help="the laptop run: the Config defaults")
     args = add_config_flags(parser).parse_args(argv)
-    if not args.toy and not args.small and not args.train_data:
-        parser.error("say what to run: --toy, --small, or --train-data FILE "
+    if not args.toy and not args.small and not args.train_data and not args.corpus:
+        parser.error("say what to run: --toy, --small, --train-data FILE, or --corpus DIR (no labels) "
                      "(the grid of settings and the signal probe are python compare.py)")
     return args, Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
 
