@@ -5,6 +5,7 @@ The research harness: DREAM against its baselines from the same start, and the s
     python compare.py --rebuild --out-dir out/compare   compare.md, compare.json and plots from the
                                                          saved runs; trains nothing
     python compare.py --probe [--temperature 0.2]        what the LM's signal says, before training
+    python compare.py --runs out/a,out/b                 a table of finished train.py runs, with intervals
 
 The grid: every method (DREAM, REPLUG-LSR, InfoNCE with gold labels) trains from the same start
 encoder on the same questions, candidates, steps and schedule, for each --grid-lr and (DREAM and
@@ -222,6 +223,37 @@ def plot(grid, final, out_dir):
 
 
 # -----------------------------------------------------------------------------
+# a table of runs already trained: python compare.py --runs out/a,out/b
+
+
+def runs_table(folders):
+    """Markdown: every query set the runs share, nDCG@10 of the start encoder (the first run that
+    evaluated it before training) and of each run, with paired bootstrap 95% intervals of the
+    difference to the start encoder and to the first run."""
+    reports = {}
+    for folder in folders:
+        with open(os.path.join(folder, "report.json")) as f:
+            reports[folder] = json.load(f)
+    start = next((r["before"]["per_query"] for r in reports.values() if "before" in r), None)
+    if start is None:
+        raise SystemExit("--runs: none of these runs evaluated its start encoder (train without --no-evaluate-before)")
+    rows = {"start encoder": start, **{folder: r["after"]["per_query"] for folder, r in reports.items()}}
+    first = rows[folders[0]]
+    lines = []
+    for s in [s for s in start if all(s in per_query for per_query in rows.values())]:
+        lines += ["", f"{s} ({len(start[s]['ndcg@10'])} queries): nDCG@10, and the paired bootstrap 95% interval of "
+                  f"the difference", "", f"| run | nDCG@10 | vs start encoder | vs {folders[0]} |", "|---|---|---|---|"]
+        for name, per_query in rows.items():
+            values = per_query[s]["ndcg@10"]
+            cells = [name, f"{sum(values.values()) / len(values):.4f}"]
+            for other in (start, first):
+                d = None if other is per_query else paired_bootstrap(values, other[s]["ndcg@10"], seed=0)
+                cells.append("" if d is None else f"{d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines[1:]) + "\n"
+
+
+# -----------------------------------------------------------------------------
 # the signal probe: before training, does one step on the DREAM loss pull the gold passage up?
 
 
@@ -331,6 +363,8 @@ def main():
     parser.add_argument("--probe-questions", type=int, default=64,
                         help="--probe: dev questions whose gold passage is among their candidates")
     parser.add_argument("--rebuild", action="store_true", help="tables and plots from the saved runs; train nothing")
+    parser.add_argument("--runs", help="comma-separated out_dirs of finished train.py runs: their table, with "
+                        "intervals against the start encoder and the first run")
     parser.add_argument("--grid-lr", default="3e-5,1e-4,3e-4", help="every method tries these on QA dev")
     parser.add_argument("--grid-temperature", default="0.05,0.2", help="and DREAM and REPLUG-LSR these")
     parser.add_argument("--seeds", type=int, default=2, help="DREAM and REPLUG-LSR at their best, this many seeds")
@@ -341,7 +375,9 @@ def main():
     args = parser.parse_args()
     cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     torch.set_num_threads(os.cpu_count() or 1)
-    if args.probe:
+    if args.runs:
+        print(runs_table(args.runs.split(",")), end="")
+    elif args.probe:
         signal_probe(cfg, args.probe_questions)
     else:
         compare(cfg, args.grid_lr, args.grid_temperature, args.seeds, [a for a in args.ablations.split(",") if a],

@@ -291,22 +291,24 @@ def health_set(dev_qs, n_passages, cfg):
 
 def corpus_data(cfg, tok, log):
     """(train examples, dev, test, passages) from --corpus alone. A BEIR folder or a JSONL of
-    passages: each document (title, then text) cut into passages the LM reads whole. A SQuAD-schema
-    file: its paragraphs, cut as for --train-data; its questions never train, they only evaluate
-    (QA dev and test, held out by article as there). Every passage gives one example
-    (corpus_examples); the examples of a few whole documents are held out (first in dev) for the
-    validation loss."""
+    passages: its documents, each its title (a sentence of its own) and text. A SQuAD-schema file:
+    its paragraphs; its questions never train, they only evaluate (QA dev and test, held out by
+    article as with --train-data, over the same passages). Every document is cut into passages the
+    LM reads whole; every passage (or, with corpus_examples="document", every document) gives one
+    example (corpus_examples); the examples of a few whole documents are held out (first in dev)
+    for the validation loss."""
     count, path, questions = lm_tokens(tok), cfg.corpus, []
     rows = None if os.path.isdir(path) or not os.path.isfile(path) else read_json_rows(path)
     if rows and isinstance(rows[0], dict) and "context" in rows[0]:
         questions, passages, owner = squad_passages(rows, count, cfg.max_doc_tokens, path, log)
+        documents = {n: text for n, text in enumerate(dict.fromkeys(r["context"] for r in rows), 1)}  # as owner
     else:
-        passages, owner = [], []
+        documents, passages, owner = {}, [], []
         for doc, row in read_corpus(path).items():
             title, text = (row.get("title") or "").strip(), (row.get("text") or "").strip()
-            text = f"{title}{'' if title[-1:] in '.!?' else '.'} {text}".strip() if title else text
-            for a, b in split_paragraph(text, count, cfg.max_doc_tokens):
-                passages.append(text[a:b].strip())
+            documents[doc] = f"{title}{'' if title[-1:] in '.!?' else '.'} {text}".strip() if title else text
+            for a, b in split_paragraph(documents[doc], count, cfg.max_doc_tokens):
+                passages.append(documents[doc][a:b].strip())
                 owner.append(doc)
     if not passages:
         raise ValueError(f"--corpus {path}: no document has any text (the corpus is empty): give documents "
@@ -314,29 +316,33 @@ def corpus_data(cfg, tok, log):
     if len(passages) <= cfg.k:
         raise ValueError(f"--corpus {path}: {len(passages)} passages with text; each example needs k = {cfg.k} "
                          f"candidates from other documents: give more than {cfg.k} passages, or a lower --k")
-    examples = corpus_examples(passages, owner, count, cfg.target_tokens)
+    if cfg.corpus_examples not in ("passage", "document"):
+        raise ValueError(f"--corpus-examples {cfg.corpus_examples!r}: choose passage or document")
+    texts = list(zip(owner, passages)) if cfg.corpus_examples == "passage" else list(documents.items())
+    examples = corpus_examples(texts, count, cfg.target_tokens)
     if not examples:
-        raise ValueError(f"--corpus {path}: no passage has text to split into a query and a target (two words "
-                         "or more); give passages of a sentence or longer")
+        raise ValueError(f"--corpus {path}: no document has text to split into a query and a target (two words "
+                         "or more); give documents of a sentence or longer")
     train_qs, val_qs, _ = hold_out(examples, cfg.val_loss_questions, 0, cfg.data_seed)
     add_candidates(train_qs + val_qs, passages, cfg.k, cfg.data_seed, owner)
     _, dev_qs, test_qs = hold_out(questions, cfg.dev_questions, cfg.test_questions, cfg.data_seed)
     if dev_qs + test_qs:
         add_candidates(dev_qs + test_qs, passages, cfg.k, cfg.data_seed)
-    log(f"{len(examples):,} examples from the text of {len(set(owner)):,} documents ({len(passages):,} passages "
+    log(f"{len(examples):,} examples from the text of {len(documents):,} documents ({len(passages):,} passages "
         f"of <= {cfg.max_doc_tokens} LM tokens; no question trains); {len(val_qs)} held out (whole documents) "
         f"for the validation loss" + (f"; QA questions only evaluate: {len(dev_qs)} dev, {len(test_qs)} test"
                                       if questions else ""))
     return train_qs, val_qs + dev_qs, test_qs, passages
 
 
-def corpus_examples(passages, owner, count, target_tokens):
-    """One example a passage, from its text alone: the query its first sentence, the target what
-    follows, cut to target_tokens (a passage of one sentence: its first and second half of words).
-    The group is the passage's document: no piece of it is ever among the example's candidates,
-    or the LM would copy the continuation out of its source."""
+def corpus_examples(texts, count, target_tokens):
+    """One example a text [(its document, text)], a passage or a whole document, from the text
+    alone: the query its opening sentence (a BEIR document's: its title), the target the sentences
+    after it, cut to target_tokens (a text of one sentence: its first and second half of words).
+    The group is the document: no piece of it is ever among the example's candidates, or the LM
+    would copy the continuation out of its source."""
     examples = []
-    for text, doc in zip(passages, owner):
+    for doc, text in texts:
         spans = sentence_spans(text)
         if len(spans) >= 2:
             query, target = text[:spans[0][1]].strip(), text[spans[1][0]:].strip()

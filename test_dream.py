@@ -1291,14 +1291,16 @@ def test_question_normalised_dream_gives_every_question_a_unit_gradient(tmp_path
 # no labels at all: --corpus alone makes its training examples from the text
 
 
+TOPICS = ["cats purr", "dogs bark", "fish swim"]
+
+
 def toy_collection(tmp_path, n=10):
     """A BEIR folder of n documents; every sentence of document i holds the word w<i>, so a
     passage tells its document. Test queries (no train or dev qrels): one per document."""
-    topics = ["cats purr", "dogs bark", "fish swim"]
-    corpus = [{"_id": str(i), "title": f"w{i} {topics[i % 3]}",
-               "text": f"w{i} {topics[i % 3]} often. Then w{i} sleeps a lot. At night w{i} {topics[i % 3]} again."}
+    corpus = [{"_id": str(i), "title": f"w{i} {TOPICS[i % 3]}",
+               "text": f"w{i} {TOPICS[i % 3]} often. Then w{i} sleeps a lot. At night w{i} {TOPICS[i % 3]} again."}
               for i in range(n)]
-    queries = [{"_id": f"q{i}", "text": f"does w{i} {topics[i % 3]}"} for i in range(n)]
+    queries = [{"_id": f"q{i}", "text": f"does w{i} {TOPICS[i % 3]}"} for i in range(n)]
     return write_beir(tmp_path / "collection", corpus, queries, [(f"q{i}", str(i), 1) for i in range(n)])
 
 
@@ -1321,6 +1323,15 @@ def test_corpus_examples_never_have_their_own_document_among_their_candidates(tm
     # BM25 alone would have put the example's own pieces first
     run = beir_eval.bm25_search(passages, [q["query"] for q in train_qs], top_k=1)
     assert all(f"w{q['group']} " in passages[next(iter(run[i]))] for i, q in enumerate(train_qs))
+    # one example a document: its title is the query, the opening of its text the target
+    train_qs, dev_qs, _, passages, _ = data.load_data(dataclasses.replace(cfg, corpus_examples="document"), TOK,
+                                                      log=lambda *_: None)
+    assert len(train_qs + dev_qs) == 10 and all(q["query"] == f"w{q['group']} {TOPICS[int(q['group']) % 3]}."
+                                                 for q in train_qs + dev_qs)
+    assert all(q["target"].startswith(f"w{q['group']} {TOPICS[int(q['group']) % 3]} often.") for q in train_qs)
+    assert all(f"w{q['group']} " not in passages[j] for q in train_qs + dev_qs for j in q["candidates"])
+    with pytest.raises(ValueError, match="--corpus-examples 'sentence': choose passage or document"):
+        data.load_data(dataclasses.replace(cfg, corpus_examples="sentence"), TOK, log=lambda *_: None)
 
 
 def test_a_tiny_corpus_trains_end_to_end_and_reports_dev_and_test_halves(tmp_path):
@@ -1334,6 +1345,16 @@ def test_a_tiny_corpus_trains_end_to_end_and_reports_dev_and_test_halves(tmp_pat
     assert report["loss"][-1][0] == 2 and (tmp_path / "run" / "encoder" / "modules.json").exists()
     summary = train.summary(report, "enc")
     assert "collection dev nDCG@10, after - before:" in summary and "collection nDCG@10, after - before:" in summary
+    # REPLUG-LSR on the same examples, and the table of both runs against the start encoder
+    replug = dataclasses.replace(cfg, loss="replug", evaluate_before=False, out_dir=str(tmp_path / "replug"))
+    train.train(replug, log=lambda *_: None)
+    table = compare.runs_table([cfg.out_dir, replug.out_dir])
+    start = report["before"]["beir"]["collection dev"]["ndcg@10"]
+    assert "collection dev (5 queries)" in table and f"| start encoder | {start:.4f} |" in table
+    assert re.search(rf"\| {re.escape(replug.out_dir)} \| [01]\.\d{{4}} \| [+-]\d\.\d{{4}} \[[+-]\d\.\d{{4}}, "
+                     rf"[+-]\d\.\d{{4}}\] \| [+-]\d\.\d{{4}} \[", table)
+    with pytest.raises(SystemExit, match="none of these runs evaluated its start encoder"):
+        compare.runs_table([replug.out_dir])
 
 
 def test_corpus_errors_name_the_file_and_the_fix(tmp_path):
@@ -1356,5 +1377,5 @@ def test_corpus_errors_name_the_file_and_the_fix(tmp_path):
         data.load_data(corpus_config(tmp_path, few), TOK, log=lambda *_: None)
     words = tmp_path / "words.jsonl"
     words.write_text("".join(json.dumps({"text": w}) + "\n" for w in ["alpha", "beta", "gamma", "delta"]))
-    with pytest.raises(ValueError, match=r"words.jsonl: no passage has text to split into a query and a target"):
+    with pytest.raises(ValueError, match=r"words.jsonl: no document has text to split into a query and a target"):
         data.load_data(corpus_config(tmp_path, str(words)), TOK, log=lambda *_: None)

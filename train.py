@@ -81,7 +81,8 @@ class Config:
     train_data: str = ""        # SQuAD-schema JSON/JSONL, {"query","target"} JSONL, or "squad" (hub)
     corpus: str = ""            # a BEIR folder, JSONL of passages or SQuAD file: candidates for {"query","target"}
                                 # data; alone (no train_data), the text that makes the training examples
-    target_tokens: int = 32     # --corpus alone: a passage's continuation after its first sentence, cut to this
+    corpus_examples: str = "passage"  # --corpus alone: an example a passage, or a document (its title: the query)
+    target_tokens: int = 32     # --corpus alone: the continuation after the first sentence, cut to this
     eval_data: str = ""         # BEIR folders or names, comma-separated; "" = <data_dir>/scifact; none
     data_dir: str = os.environ.get("DREAM_DATA", "../shared/data")
     out_dir: str = "out/small"
@@ -384,9 +385,8 @@ def gather(items, world):
 
 
 def train(cfg, log=tqdm.write):
-    """Train (log: tqdm.write keeps the progress bar whole); under torchrun (one process per GPU,
-    or per CPU with gloo) every rank takes its share of each global batch and
-    DistributedDataParallel averages the gradients, as in nanoGPT."""
+    """Train (tqdm.write keeps the progress bar whole). Under torchrun, one process per GPU (or CPU),
+    each takes its share of every global batch; DDP averages the gradients, as in nanoGPT."""
     rank, world, device = init_distributed()
     device = torch.device(device)
     master = rank == 0  # logs, checkpoints, writes the report
