@@ -247,6 +247,9 @@ def beir_sets(cfg, log):
     qrels/dev.tsv, else train.tsv, else a fixed random half of the test queries) and its test
     queries to report (the other half, if halved)."""
     corpus_folder = cfg.corpus if cfg.corpus and not cfg.train_data and os.path.isdir(cfg.corpus) else None
+    if corpus_folder and not any(os.path.isfile(os.path.join(corpus_folder, "qrels", f"test.tsv{gz}")) and
+                                 os.path.isfile(os.path.join(corpus_folder, f"queries.jsonl{gz}")) for gz in ("", ".gz")):
+        corpus_folder = None  # a corpus without queries: the --eval-data default, as for any run
     if cfg.eval_data == "none":
         return []
     if cfg.eval_data or corpus_folder:

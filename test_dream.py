@@ -1343,6 +1343,12 @@ def test_a_tiny_corpus_trains_end_to_end_and_reports_dev_and_test_halves(tmp_pat
         dev, test = (set(report[when]["per_query"][s]["ndcg@10"]) for s in ("collection dev", "collection"))
         assert len(dev) == 5 and len(test) == 5 and not dev & test  # a fixed random half each
     assert report["loss"][-1][0] == 2 and (tmp_path / "run" / "encoder" / "modules.json").exists()
+    # a folder with a corpus alone (no queries) is evaluated on --eval-data, as any run
+    bare = write_beir(tmp_path / "bare", [{"_id": "1", "text": "a b."}], QUERIES, QRELS)
+    os.remove(os.path.join(bare, "queries.jsonl"))
+    (tmp_path / "scifact").mkdir()
+    assert data.beir_sets(dataclasses.replace(cfg, corpus=bare, data_dir=str(tmp_path)), print) == [
+        ("scifact", str(tmp_path / "scifact"), "test", None)]
     summary = train.summary(report, "enc")
     assert "collection dev nDCG@10, after - before:" in summary and "collection nDCG@10, after - before:" in summary
     # REPLUG-LSR on the same examples, and the table of both runs against the start encoder
