@@ -12,6 +12,10 @@ peak_memory_dream_vs_forward: peak extra memory of a DREAM step / of a plain for
     measured in a fresh process (GPU allocator peak on CUDA, sampled resident memory on a CPU).
 biased_attention_vs_sdpa: the hand-written biased attention of one layer / SDPA, same shapes.
 
+decoder_step_vs_lm_forward, decoder_encode_vs_minilm_encode: the same with the retriever of
+    train.py --decoder (a LoRA rank-16 copy of the LM, last-token pooling): a DREAM step / a plain LM
+    forward, and SentenceTransformer.encode of the step's documents / all-MiniLM-L6-v2's.
+
 Also printed: biased_sdpa_vs_sdpa (SDPA with the bias as its float mask / plain SDPA), the step
 with each attention path (dream_step_by_hand_vs_lm_forward, dream_step_fused_vs_lm_forward; the
 second is the default, dream_step_vs_lm_forward) and
@@ -159,6 +163,19 @@ def main():
     say(f"retriever, {B} queries and {B * k} documents: dream.score with grad {t_score * 1e3:.0f} ms, "
         f"SentenceTransformer.encode {t_encode * 1e3:.0f} ms")
 
+    # the retriever of train.py --decoder: a LoRA copy of the frozen LM, pooled at an appended EOS
+    decoder = dream.load_retriever(resolve_models(Config(encoder="lm"), say)[1], pooling="last", lora=16, device=device)
+    def decoder_step():
+        decoder.zero_grad(set_to_none=True)
+        with autocast:
+            loss = dream.dream_loss(lm, batch, dream.score(decoder, queries, docs), heads=args.heads)
+        loss.backward()
+    t_decoder_step = timed(decoder_step, args.repeats)
+    t_decoder_encode = timed(lambda: decoder.encode(flat, batch_size=len(flat)), args.repeats)
+    t_minilm_encode = timed(lambda: retriever.encode(flat, batch_size=len(flat)), args.repeats)
+    say(f"decoder retriever: DREAM step {t_decoder_step * 1e3:.0f} ms; encoding {len(flat)} documents "
+        f"{t_decoder_encode * 1e3:.0f} ms (all-MiniLM-L6-v2 {t_minilm_encode * 1e3:.0f} ms)")
+
     child = [sys.executable, __file__, "--batch-size", str(B), "--k", str(k), f"--heads={args.heads}",
              "--data-dir", args.data_dir, "--memory-of"]
     memory = {which: int(subprocess.run(child + [which], capture_output=True, text=True, check=True)
@@ -171,6 +188,8 @@ def main():
               "score_with_grad_vs_encode": round(t_score / t_encode, 3),
               "peak_memory_dream_vs_forward": round(memory["step"] / memory["forward"], 3),
               "biased_attention_vs_sdpa": round(t_hand / t_sdpa, 3),
+              "decoder_step_vs_lm_forward": round(t_decoder_step / t_plain, 3),
+              "decoder_encode_vs_minilm_encode": round(t_decoder_encode / t_minilm_encode, 3),
               "biased_sdpa_vs_sdpa": round(t_fast / t_sdpa, 3),
               "dream_step_by_hand_vs_lm_forward": round(t_by_hand / t_plain, 3),
               "dream_step_fused_vs_lm_forward": round(t_fused / t_plain, 3),

@@ -2,16 +2,19 @@
 The research harness: DREAM against its baselines from the same start, and the signal probe.
 
     python compare.py --seeds 4 --ablations normalize --out-dir out/compare
+    python compare.py --methods dream --grid-heads all,loo --grid-lr 3e-5    heads as a grid dimension
     python compare.py --rebuild --out-dir out/compare   compare.md, compare.json and plots from the
                                                          saved runs; trains nothing
     python compare.py --probe [--temperature 0.2]        what the LM's signal says, before training
     python compare.py --runs out/a,out/b                 a table of finished train.py runs, with intervals
 
-The grid: every method (DREAM, REPLUG-LSR, InfoNCE with gold labels) trains from the same start
-encoder on the same questions, candidates, steps and schedule, for each --grid-lr and (DREAM and
-REPLUG-LSR) each --grid-temperature; each method's best QA dev nDCG@10 picks its settings. The
-report: that run and --seeds - 1 more seeds on QA test and the BEIR sets, every row against the
-start encoder and REPLUG-LSR by a paired bootstrap 95% interval over the queries. A finished run
+The grid: every method (DREAM, REPLUG-LSR, InfoNCE with gold labels; --methods) trains from the
+same start encoder on the same questions, candidates, steps and schedule, for each --grid-lr, (DREAM
+and REPLUG-LSR) each --grid-temperature and (DREAM) each --grid-heads. Each method's settings are
+chosen on dev alone: the mean nDCG@10 of QA dev (held-out SQuAD articles) and of the BEIR folders'
+dev queries (SciFact's train queries), so not on four in-domain articles alone. The report: that
+run and --seeds - 1 more seeds on QA test and the BEIR test sets, every row against the start
+encoder and REPLUG-LSR by a paired bootstrap 95% interval over the queries. A finished run
 whose settings match is reused, so a stopped grid goes on where it stopped. Every train.py flag
 applies (the --small settings by default).
 """
@@ -34,22 +37,29 @@ from train import (Config, add_config_flags, choose_heads, examples, lm_batch, l
 # the grid on QA dev, the report on QA test and BEIR with paired bootstrap intervals
 
 METHODS = {"DREAM": "dream", "REPLUG-LSR": "replug", "InfoNCE (gold labels)": "infonce"}
-ABLATIONS = {"ranked_heads": ("DREAM, 16 ranked heads", {"heads": "auto"}),
-             "random_heads": ("DREAM, 16 random heads", {"heads": "random"}),
+HEADS = {"all": {"heads": "all"},  # --grid-heads: the heads DREAM biases; any other value is a --heads value
+         "loo": {"heads": "auto", "head_source": "loo"},  # head_count heads ranked without labels
+         "gold": {"heads": "auto", "head_source": "gold"}}  # ranked on detection_questions gold-labelled questions
+ABLATIONS = {"random_heads": ("DREAM, 16 random heads", {"heads": "random"}),
              "normalize": ("DREAM, question-normalised gradient", {"normalize": "question"}),
              "k": ("DREAM, k 8", {"k": 8})}
 
 
 def compare(cfg, grid_lr="3e-5,1e-4,3e-4", grid_temperature="0.05,0.2", seeds=2, ablations=(), rebuild=False,
-            log=print):
-    """The grid (grid_lr, and grid_temperature for DREAM and REPLUG-LSR) for every method on QA
-    dev; each method's best settings with `seeds` seeds (InfoNCE one), the start encoder and BM25
-    on QA test and the BEIR sets; the ablations named (keys of ABLATIONS) at DREAM's best, on dev.
-    Writes compare.md, compare.json, health.png and loss.png under cfg.out_dir. A finished run whose
-    settings match is reused; rebuild: every run must be there, none is trained."""
+            grid_heads="all,loo,gold", methods=tuple(METHODS.values()), log=print):
+    """The grid (grid_lr; grid_temperature for DREAM and REPLUG-LSR; grid_heads for DREAM) for
+    every method named in `methods`; each method's settings are the ones with the best dev score:
+    the mean nDCG@10 of QA dev and of every BEIR folder's dev queries (SciFact's train queries), or
+    QA dev alone without them. Those settings with `seeds` seeds (InfoNCE one), the start encoder
+    and BM25 on QA test and the BEIR test sets; the ablations named (keys of ABLATIONS) at DREAM's
+    best, on QA dev. Writes compare.md, compare.json, health.png and loss.png under cfg.out_dir. A
+    finished run whose settings match is reused; rebuild: every run must be there, none is trained."""
     unknown = set(ablations) - set(ABLATIONS)
     if unknown:
         raise ValueError(f"--ablations {','.join(sorted(unknown))}: choose from {','.join(ABLATIONS)}")
+    if not methods or set(methods) - set(METHODS.values()) or ablations and "dream" not in methods:
+        raise ValueError(f"--methods {','.join(methods)}: choose from dream, replug, infonce (dream, for --ablations)")
+    methods = {name: loss for name, loss in METHODS.items() if loss in methods}
     os.makedirs(cfg.out_dir, exist_ok=True)
     runs = {}
 
@@ -71,46 +81,62 @@ def compare(cfg, grid_lr="3e-5,1e-4,3e-4", grid_temperature="0.05,0.2", seeds=2,
         runs[folder] = train(c, log)[1]
         return runs[folder]
 
-    lrs = [float(x) for x in grid_lr.split(",")]
-    taus = [float(x) for x in grid_temperature.split(",")]
-    run("start", steps=0, eval_data="none")
-    grid, best = {}, {}
-    for name, loss in METHODS.items():
-        for lr in lrs:
-            for tau in (taus if loss != "infonce" else [cfg.temperature]):
-                folder = f"grid/{loss}_lr{lr:g}_tau{tau:g}"
-                grid[folder] = (name, lr, tau, run(folder, loss=loss, lr=lr, temperature=tau, eval_data="none"))
-        scored = [(r["after"]["qa"]["dev"]["ndcg@10"], f) for f, (n, *_, r) in grid.items() if n == name]
-        best[name] = max(scored)[1]  # chosen on QA dev alone
+    sets = beir_sets(cfg, log, dev=True)
+    dev_sets = [name for name, *_ in sets if name not in {n for n, *_ in beir_sets(cfg, lambda *_: None)}]
 
-    def with_beir(folder):  # a best grid run is its method's first seed: only BEIR is left to score
+    def scored(folder):  # a grid run's BEIR dev and test sets, from its saved encoder (kept in beir.json)
         report, path = runs[folder], os.path.join(cfg.out_dir, folder, "beir.json")
-        if not os.path.exists(path):
-            beir = evaluate_beir(dream.load_retriever(os.path.join(cfg.out_dir, folder, "encoder")), beir_sets(cfg, log), log)
+        beir = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                beir = json.load(f)
+        if set(beir) != {name for name, *_ in sets}:
+            if rebuild:
+                raise SystemExit(f"--rebuild: {path} is missing or holds other query sets; run without --rebuild")
+            beir = evaluate_beir(dream.load_retriever(os.path.join(cfg.out_dir, folder, "encoder")), sets, log)
             with open(path, "w") as f:
                 json.dump(beir, f)
-        with open(path) as f:
-            beir = json.load(f)
         report["after"]["beir"] = {n: means for n, (means, _) in beir.items()}
         report["after"]["per_query"].update({n: {m: v[m] for m in ("ndcg@10", "recall@100")} for n, (_, v) in beir.items()})
+        report["dev_score"] = sum([report["after"]["qa"]["dev"]["ndcg@10"]] + [report["after"]["beir"][n]["ndcg@10"]
+                                   for n in dev_sets]) / (1 + len(dev_sets))
         return report
 
-    final = {"start encoder": [with_beir("start")]}
-    for name, loss in METHODS.items():
-        _, lr, tau, _ = grid[best[name]]
-        final[name] = [with_beir(best[name])] + [
-            run(f"final/{loss}_seed{cfg.seed + i}", loss=loss, lr=lr, temperature=tau, seed=cfg.seed + i)
+    lrs = [float(x) for x in grid_lr.split(",")]
+    taus = [float(x) for x in grid_temperature.split(",")]
+    run("start", steps=0, eval_data="none", heads="all")  # heads: only DREAM's runs use them
+    grid, best = {}, {}
+    for name, loss in methods.items():
+        for lr in lrs:
+            for tau in (taus if loss != "infonce" else [cfg.temperature]):
+                for heads in (grid_heads.split(",") if loss == "dream" else ["all"]):
+                    folder = f"grid/{loss}_lr{lr:g}_tau{tau:g}" + (f"_heads-{heads}" if loss == "dream" and heads != "all" else "")
+                    run(folder, loss=loss, lr=lr, temperature=tau, eval_data="none", **HEADS.get(heads, {"heads": heads}))
+                    grid[folder] = (name, lr, tau, heads, scored(folder))
+        best[name] = max((r["dev_score"], f) for f, (n, *_, r) in grid.items() if n == name)[1]
+
+    final = {"start encoder": [scored("start")]}
+    for name, loss in methods.items():
+        _, lr, tau, heads, _ = grid[best[name]]
+        final[name] = [grid[best[name]][-1]] + [
+            run(f"final/{loss}_seed{cfg.seed + i}", loss=loss, lr=lr, temperature=tau, seed=cfg.seed + i,
+                **HEADS.get(heads, {"heads": heads}))
             for i in range(1, seeds if loss != "infonce" else 1)]
     final["BM25"] = [bm25_report(cfg, log)]
-    _, lr, tau, _ = grid[best["DREAM"]]
-    ablation_rows = {ABLATIONS[a][0]: run(f"ablation/{a}", lr=lr, temperature=tau, eval_data="none", **ABLATIONS[a][1])
-                     for a in ablations}
-    text = report_tables(cfg, grid, best, final, ablation_rows)
+    ablation_rows = {}
+    if ablations:
+        _, lr, tau, heads, _ = grid[best["DREAM"]]
+        ablation_rows = {ABLATIONS[a][0]: run(f"ablation/{a}", lr=lr, temperature=tau, eval_data="none",
+                                              **{**HEADS.get(heads, {"heads": heads}), **ABLATIONS[a][1]})
+                         for a in ablations}
+    text = report_tables(cfg, grid, best, final, ablation_rows, dev_sets)
     with open(os.path.join(cfg.out_dir, "compare.md"), "w") as f:
         f.write(text)
     with open(os.path.join(cfg.out_dir, "compare.json"), "w") as f:
-        json.dump({"best": best, "grid": {f: {"method": n, "lr": lr, "temperature": t, "qa": r["after"]["qa"],
-                                              "health": r.get("health")} for f, (n, lr, t, r) in grid.items()},
+        json.dump({"best": best, "dev_sets": dev_sets,
+                   "grid": {f: {"method": n, "lr": lr, "temperature": t, "heads": h, "chosen_heads": r.get("heads"),
+                                "dev_score": r["dev_score"], "qa": r["after"]["qa"], "beir": r["after"]["beir"],
+                                "health": r.get("health")} for f, (n, lr, t, h, r) in grid.items()},
                    "final": {n: [{k: v for k, v in r.items() if k not in ("loss", "gold_top1_by_step")} for r in rs]
                              for n, rs in final.items()}}, f, indent=1)
     plot(grid, final, cfg.out_dir)
@@ -142,26 +168,32 @@ def bm25_report(cfg, log):
 
 
 def seed_mean(reports):
-    """Per-query values averaged over a method's seeds (one report: itself)."""
+    """Per-query values averaged over a method's seeds (one report: itself), on the query sets they share."""
     first = reports[0]["after"]["per_query"]
+    shared = [s for s in first if all(s in r["after"]["per_query"] for r in reports)]
     return {s: {m: {q: sum(r["after"]["per_query"][s][m][q] for r in reports) / len(reports) for q in first[s][m]}
-                for m in first[s]} for s in first}
+                for m in first[s]} for s in shared}
 
 
-def report_tables(cfg, grid, best, final, ablation_rows):
-    """compare.md: the grid on QA dev, then QA test and BEIR with paired bootstrap 95% intervals of
-    each method's difference to the start encoder and to REPLUG-LSR (its seeds averaged per query)."""
-    lines = ["## The grid (QA dev nDCG@10; each method's best, in bold, is the one reported)", "",
-             "| method | lr | tau | QA dev nDCG@10 | QA dev R@100 | health (QA dev nDCG@10, small pool) by step | s/step |",
-             "|---|---|---|---|---|---|---|"]
-    for folder, (name, lr, tau, r) in grid.items():
+def report_tables(cfg, grid, best, final, ablation_rows, dev_sets=()):
+    """compare.md: the grid on dev, then QA test and BEIR test with paired bootstrap 95% intervals
+    of each method's difference to the start encoder and to REPLUG-LSR (its seeds averaged per query)."""
+    chosen_on = " and ".join(["QA dev"] + list(dev_sets))
+    lines = [f"## The grid (nDCG@10 on dev; each method's best dev score, the mean of {chosen_on}, in bold, is "
+             "the one reported)", "",
+             "| method | lr | tau | heads | QA dev nDCG@10 | " + "".join(f"{n} nDCG@10 | " for n in dev_sets) +
+             "dev score | QA dev R@100 | health (QA dev nDCG@10, small pool) by step | s/step |",
+             "|---|---|---|---|---|" + "---|" * len(dev_sets) + "---|---|---|---|"]
+    for folder, (name, lr, tau, heads, r) in grid.items():
         dev = r["after"]["qa"]["dev"]
-        value = f"**{dev['ndcg@10']:.4f}**" if best[name] == folder else f"{dev['ndcg@10']:.4f}"
+        value = f"**{r['dev_score']:.4f}**" if best[name] == folder else f"{r['dev_score']:.4f}"
         health = " ".join(f"{v:.3f}" for _, v in r.get("health", []))
-        lines.append(f"| {name} | {lr:g} | {tau:g} | {value} | {dev['recall@100']:.4f} | {health} | "
-                     f"{r.get('seconds_per_step', 0):.2f} |")
-    sets = ["test"] + list(final["start encoder"][0]["after"]["beir"])
-    base, replug = seed_mean(final["start encoder"]), seed_mean(final["REPLUG-LSR"])
+        lines.append(f"| {name} | {lr:g} | {tau:g} | {heads if name == 'DREAM' else ''} | {dev['ndcg@10']:.4f} | " +
+                     "".join(f"{r['after']['beir'][n]['ndcg@10']:.4f} | " for n in dev_sets) +
+                     f"{value} | {dev['recall@100']:.4f} | {health} | {r.get('seconds_per_step', 0):.2f} |")
+    sets = ["test"] + [n for n in final["start encoder"][0]["after"]["beir"] if n not in dev_sets]
+    base = seed_mean(final["start encoder"])
+    replug = seed_mean(final["REPLUG-LSR"]) if "REPLUG-LSR" in final else None
     for s in sets:
         label = "QA test" if s == "test" else s
         lines += ["", f"## {label} ({len(base[s]['ndcg@10'])} queries): mean and, in brackets, the paired "
@@ -177,10 +209,12 @@ def report_tables(cfg, grid, best, final, ablation_rows):
                 for m in ("ndcg@10", "recall@100"):
                     values = per_query[s][m]
                     cells.append(f"{sum(values.values()) / len(values):.4f}")
-                    others = [base] + ([replug] if m == "ndcg@10" else [])
+                    others = [base] + ([replug] if m == "ndcg@10" and replug else [])
                     for other, itself in zip(others, ["start encoder", "REPLUG-LSR"]):
                         d = None if name == itself else paired_bootstrap(values, other[s][m], seed=0)
                         cells.append("" if d is None else f"{d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]")
+                    if m == "ndcg@10" and not replug:
+                        cells.append("")  # no REPLUG-LSR run to compare with
                 lines.append("| " + " | ".join(cells) + " |")
     if ablation_rows:
         lines += ["", "## Ablations at DREAM's best settings (QA dev)", "", "| run | QA dev nDCG@10 | QA dev R@100 |",
@@ -197,18 +231,20 @@ def plot(grid, final, out_dir):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(METHODS), figsize=(5 * len(METHODS), 3.6), squeeze=False)
-    for ax, name in zip(axes[0], METHODS):
-        for folder, (n, lr, tau, r) in grid.items():
+    methods = [name for name in METHODS if name in final]
+    fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], methods):
+        for folder, (n, lr, tau, heads, r) in grid.items():
             if n == name and r.get("health"):
-                ax.plot(*zip(*r["health"]), marker="o", label=f"lr {lr:g}, tau {tau:g}")
+                ax.plot(*zip(*r["health"]), marker="o",
+                        label=f"lr {lr:g}, tau {tau:g}" + (f", heads {heads}" if name == "DREAM" else ""))
         ax.set(title=f"{name}: health", xlabel="step", ylabel="QA dev nDCG@10 (small pool)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "health.png"), dpi=120)
     plt.close(fig)
-    fig, axes = plt.subplots(1, len(METHODS), figsize=(5 * len(METHODS), 3.6), squeeze=False)
-    for ax, name in zip(axes[0], METHODS):
+    fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], methods):
         for r in final[name]:
             steps, losses = zip(*r["loss"])
             w = max(1, len(losses) // 10)
@@ -367,12 +403,15 @@ def main():
                         "intervals against the start encoder and the first run")
     parser.add_argument("--grid-lr", default="3e-5,1e-4,3e-4", help="every method tries these on QA dev")
     parser.add_argument("--grid-temperature", default="0.05,0.2", help="and DREAM and REPLUG-LSR these")
+    parser.add_argument("--grid-heads", default="all,loo,gold", help="and DREAM these heads: all; loo or gold, "
+                        "--head-count heads ranked without labels or on --detection-questions gold-labelled "
+                        "questions; or any --heads value")
+    parser.add_argument("--methods", default=",".join(METHODS.values()), help="the methods to run (dream, replug, "
+                        "infonce)")
     parser.add_argument("--seeds", type=int, default=2, help="DREAM and REPLUG-LSR at their best, this many seeds")
     parser.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="",
                         help=f"these ablations at DREAM's best, or all of them ({','.join(ABLATIONS)})")
-    add_config_flags(parser)
-    parser.set_defaults(out_dir="out/compare")
-    args = parser.parse_args()
+    args = add_config_flags(parser, out_dirs=("out/compare", "out/compare-decoder")).parse_args()
     cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     torch.set_num_threads(os.cpu_count() or 1)
     if args.runs:
@@ -381,7 +420,7 @@ def main():
         signal_probe(cfg, args.probe_questions)
     else:
         compare(cfg, args.grid_lr, args.grid_temperature, args.seeds, [a for a in args.ablations.split(",") if a],
-                args.rebuild)
+                args.rebuild, args.grid_heads, args.methods.split(","))
 
 
 if __name__ == "__main__":

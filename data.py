@@ -240,12 +240,13 @@ def add_candidates(questions, passages, k, seed, owner=None):
                              f"{' outside its own document' if owner else ''}; need k={k}: lower --k")
 
 
-def beir_sets(cfg, log):
+def beir_sets(cfg, log, dev=False):
     """[(name, BEIR folder, split, query ids or None for all)] to evaluate: each --eval-data folder's
     test queries (none; a list; "" = <data_dir>/scifact, else downloaded). With --corpus alone and
     a BEIR folder there, that folder: its dev queries to choose settings on ("<name> dev":
     qrels/dev.tsv, else train.tsv, else a fixed random half of the test queries) and its test
-    queries to report (the other half, if halved)."""
+    queries to report (the other half, if halved). dev: every folder's dev queries too, where its
+    qrels have a dev or train split (compare.py chooses on them)."""
     corpus_folder = cfg.corpus if cfg.corpus and not cfg.train_data and os.path.isdir(cfg.corpus) else None
     if corpus_folder and not any(os.path.isfile(os.path.join(corpus_folder, "qrels", f"test.tsv{gz}")) and
                                  os.path.isfile(os.path.join(corpus_folder, f"queries.jsonl{gz}")) for gz in ("", ".gz")):
@@ -262,13 +263,12 @@ def beir_sets(cfg, log):
     sets = []
     for folder in folders:
         name = os.path.basename(os.path.normpath(folder))
-        if folder != corpus_folder:
+        split = next((split for split in ("dev", "train")
+                      if os.path.isfile(os.path.join(folder, "qrels", f"{split}.tsv"))), None)
+        if folder != corpus_folder and not (dev and split):
             sets.append((name, folder, "test", None))
-            continue
-        dev = next((split for split in ("dev", "train")
-                    if os.path.isfile(os.path.join(folder, "qrels", f"{split}.tsv"))), None)
-        if dev:
-            sets += [(f"{name} dev", folder, dev, None), (name, folder, "test", None)]
+        elif split:
+            sets += [(f"{name} dev", folder, split, None), (name, folder, "test", None)]
         else:  # a fixed random half of the test queries chooses, the other half is reported
             qids = sorted(read_qrels(find_file(folder, os.path.join("qrels", "test.tsv"))))
             half = set(random.Random(cfg.data_seed).sample(qids, len(qids) // 2))

@@ -371,8 +371,9 @@ POOLING = {"mean": "mean", "cls": "cls", "last": "lasttoken"}
 
 def load_retriever(name_or_path, pooling=None, lora=0, device=None):
     """A SentenceTransformer to train. pooling: "mean", "cls" or "last" (the last token, for
-    decoder embedders); None keeps the folder's own (a plain transformers folder: mean).
-    lora > 0: LoRA adapters of that rank (peft) on every linear layer, the rest frozen."""
+    decoder embedders: every text then ends with the tokenizer's EOS); None keeps the folder's own
+    (a plain transformers folder: mean). lora > 0: LoRA adapters of that rank (peft) on every
+    linear layer, the rest frozen."""
     if pooling is None:
         retriever = SentenceTransformer(name_or_path, device=device)
     else:
@@ -382,6 +383,11 @@ def load_retriever(name_or_path, pooling=None, lora=0, device=None):
         retriever = SentenceTransformer(modules=[body, Pooling(body.get_embedding_dimension(), POOLING[pooling]),
                                                  Normalize()], device=device)
     tok = retriever.tokenizer
+    if pooling == "last" and tok.eos_token is not None:
+        # a causal model's last token has read the whole text only if it comes after it: an EOS,
+        # appended by the tokenizer itself, so it is saved with it and encode() agrees; a BOS stays
+        bos = tok.bos_token is not None and tok("a")["input_ids"][0] == tok.bos_token_id
+        tok.add_bos_token, tok.add_eos_token = bos, True
     if tok.pad_token is None:  # decoders often have none; padding is masked out
         tok.pad_token = tok.eos_token or tok.unk_token
     if lora:

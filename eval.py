@@ -430,6 +430,34 @@ def evaluate_beir(retriever, sets, log):
     return results
 
 
+def summary(report, encoder_dir):
+    """The before/after table, then each set's nDCG@10 difference with a paired bootstrap interval."""
+    columns = [c for c in ("before", "after") if c in report]
+    rows = [("val loss (held out)", lambda r: r["val_loss_and_gold_top1"][0], ".4f"),
+            ("val gold in top-1", lambda r: r["val_loss_and_gold_top1"][1], ".3f")]
+    for name in report["after"].get("qa") or {}:
+        rows += [(f"QA {name} {m}", lambda r, name=name, m=m: r["qa"][name][m], ".4f") for m in ("ndcg@10", "recall@100")]
+    rows += [(f"{name} {m}", lambda r, name=name, m=m: r["beir"][name][m], ".4f")
+             for name in report["after"]["beir"] for m in ("ndcg@10", "recall@100")]
+    lines = [f"{'':26}" + "".join(f"{c:>10}" for c in columns)]
+    lines += [f"{label:26}" + "".join(f"{get(report[c]):>10{fmt}}" for c in columns) for label, get, fmt in rows]
+    if "before" in report:  # paired over the same queries: is the change more than noise?
+        for name, after in report["after"]["per_query"].items():
+            d = paired_bootstrap(after["ndcg@10"], report["before"]["per_query"][name]["ndcg@10"])
+            lines.append(f"{'QA ' + name if name in ('dev', 'test') else name} nDCG@10, after - before: "
+                         f"{d['difference']:+.4f}, 95% interval [{d['low']:+.4f}, {d['high']:+.4f}] "
+                         f"(paired bootstrap over {d['queries']} queries)")
+    gold = report.get("gold_top1_by_step", [])
+    if gold:
+        n = max(1, len(gold) // 4)
+        first, last = [g for _, g in gold[:n]], [g for _, g in gold[-n:]]
+        lines.append(f"training questions whose top candidate is their gold paragraph (of those whose gold "
+                     f"is a candidate), first and last quarter: {sum(first) / n:.3f} -> {sum(last) / n:.3f}")
+    lines.append(f"encoder saved to {encoder_dir} (SentenceTransformer('{encoder_dir}'); "
+                 f"python eval.py --encoder {encoder_dir} --data ...)")
+    return "\n".join(lines)
+
+
 # -----------------------------------------------------------------------------
 # command line
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import (BertConfig, BertLMHeadModel, BertModel, GPT2Config, GPT2LMHeadModel,
-                          LlamaConfig, LlamaForCausalLM, LlamaModel)
+                          LlamaConfig, LlamaForCausalLM, LlamaModel, PreTrainedTokenizerFast)
 
 import compare
 import data
@@ -245,7 +245,11 @@ def tiny_encoder_folder(tmp_path, decoder=False):
                                      num_attention_heads=4, intermediate_size=64))
     folder = str(tmp_path / "start")
     model.save_pretrained(folder)
-    TOK.save_pretrained(folder)
+    if decoder:  # a decoder's tokenizer has an EOS ("Answer" here) and, like Llama's, may add a BOS ("Question")
+        PreTrainedTokenizerFast(tokenizer_object=TOK.backend_tokenizer, pad_token="[PAD]", unk_token="[UNK]",
+                                eos_token="Answer", bos_token="Question", add_bos_token=True).save_pretrained(folder)
+    else:
+        TOK.save_pretrained(folder)
     return folder
 
 
@@ -933,8 +937,44 @@ def test_lora_decoder_retriever_trains_adapters_and_reloads(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path / "lora")  # the adapter names its base by an absolute path: it loads from anywhere
     again = SentenceTransformer(str(saved), device="cpu")
     assert again[1].pooling_mode == "lasttoken"
+    for tok in (retriever.tokenizer, again.tokenizer):  # every text ends with the EOS: the last token read it all
+        ids = tok(["k1 v1", "q2 q3 q4 k4 v7"], padding=True)
+        assert [row[:n][-1] for row, n in zip(ids["input_ids"], map(sum, ids["attention_mask"]))] == [tok.eos_token_id] * 2
+        assert ids["input_ids"][0][0] == tok.bos_token_id  # a BOS the tokenizer adds stays
     assert (encoded(again) - after).abs().max() <= 1e-5
     assert (encoded(again) - before).abs().max() > 1e-4  # the adapter, not the base model alone
+
+
+def test_decoder_preset_sets_the_paper_retriever_and_flags_given_win():
+    import train
+    _, cfg = train.parse_args(["--decoder"])
+    assert (cfg.encoder, cfg.pooling, cfg.lora, cfg.lr, cfg.out_dir) == ("lm", "last", 16, 1e-4, "out/decoder")
+    _, cfg = train.parse_args(["--decoder", "--lr", "3e-5", "--out-dir", "mine", "--lora=4"])
+    assert (cfg.encoder, cfg.lr, cfg.out_dir, cfg.lora) == ("lm", 3e-5, "mine", 4)
+    _, cfg = train.parse_args(["--small"])
+    assert (cfg.encoder, cfg.pooling, cfg.lora, cfg.out_dir) == ("auto", "", 0, "out/small")
+    quiet = lambda *_: None
+    gguf = os.path.join("pkg", "SmolLM2-135M-Instruct.Q4_1.gguf")  # the retriever: the folder load_lm converts it to
+    assert train.resolve_models(dataclasses.replace(cfg, lm=gguf, encoder="lm"), quiet)[1] == train.converted(gguf)
+    assert train.resolve_models(dataclasses.replace(cfg, lm="some/folder", encoder="lm"), quiet) == ("some/folder",) * 2
+
+
+def test_decoder_retriever_trains_from_the_lm_and_its_folder_embeds_as_in_training(tmp_path):
+    from sentence_transformers import SentenceTransformer
+    import train
+    cfg = tiny_training_setup(tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=TOK.backend_tokenizer, pad_token="[PAD]", unk_token="[UNK]",
+                            eos_token="Answer").save_pretrained(cfg.lm)  # a decoder's tokenizer has an EOS
+    cfg = dataclasses.replace(cfg, encoder="lm", pooling="last", lora=4)
+    lm_before = {n: p.clone() for n, p in dream.load_frozen_lm(cfg.lm)[0].named_parameters()}
+    retriever, report = train.train(cfg, log=lambda *_: None)
+    assert {n for n, p in retriever.named_parameters() if p.requires_grad} == {
+        n for n, _ in retriever.named_parameters() if "lora_" in n}
+    assert all(torch.equal(p, lm_before[n]) for n, p in dream.load_frozen_lm(cfg.lm)[0].named_parameters())
+    again = SentenceTransformer(os.path.join(cfg.out_dir, "encoder"), device="cpu")
+    assert again[1].pooling_mode == "lasttoken" and again.tokenizer("k1 v1")["input_ids"][-1] == again.tokenizer.eos_token_id
+    assert (encoded(again) - encoded(retriever)).abs().max() <= 1e-5
+    assert (encoded(again) - encoded(dream.load_retriever(cfg.lm, pooling="last"))).abs().max() > 1e-4  # trained
 
 
 # -----------------------------------------------------------------------------
@@ -1113,25 +1153,34 @@ def test_compare_runs_the_grid_chooses_on_dev_and_writes_intervals(tmp_path, mon
     tiny_lm("llama").save_pretrained(lm_dir)
     TOK.save_pretrained(lm_dir)
     WORLD.fresh_retriever(enc_dir)
-    cfg = Config(lm=str(lm_dir), encoder=str(enc_dir), train_data=tiny_squad(tmp_path), eval_data="none",
+    beir = tmp_path / "tinybeir"  # a BEIR folder with train queries (its dev set) and test queries
+    write_beir(beir, CORPUS, QUERIES, [("q2", "d2", 1)], split="train")
+    write_beir(beir, CORPUS, QUERIES, QRELS)
+    cfg = Config(lm=str(lm_dir), encoder=str(enc_dir), train_data=tiny_squad(tmp_path), eval_data=str(beir),
                  out_dir=str(tmp_path / "cmp"), heads="all", head_count=3, detection_questions=8, k=3,
                  steps=3, batch_size=2, warmup_steps=1, dev_questions=10, test_questions=10, val_loss_questions=4,
                  health_every=2, checkpoint_every=3, seed=0)
-    grid_flags = dict(grid_lr="1e-3,1e-4", grid_temperature="0.05,0.2")
+    grid_flags = dict(grid_lr="1e-3,1e-4", grid_temperature="0.05,0.2", grid_heads="all,loo")
     final = compare.compare(cfg, **grid_flags, ablations=list(compare.ABLATIONS), log=lambda *_: None)
     text = (tmp_path / "cmp" / "compare.md").read_text()
-    grid = json.loads((tmp_path / "cmp" / "compare.json").read_text())["grid"]
-    assert len(grid) == 2 * 2 + 2 * 2 + 2  # lr x tau for DREAM and REPLUG-LSR, lr for InfoNCE
-    best = json.loads((tmp_path / "cmp" / "compare.json").read_text())["best"]
-    for name in compare.METHODS:  # the best is the highest QA dev nDCG@10 of the method's grid runs
-        assert grid[best[name]]["qa"]["dev"]["ndcg@10"] == max(
-            g["qa"]["dev"]["ndcg@10"] for g in grid.values() if g["method"] == name)
+    saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    grid, best = saved["grid"], saved["best"]
+    assert len(grid) == 2 * 2 * 2 + 2 * 2 + 2  # lr x tau x heads for DREAM, lr x tau for REPLUG-LSR, lr for InfoNCE
+    assert saved["dev_sets"] == ["tinybeir dev"]
+    ranked = [g for g in grid.values() if g["heads"] == "loo"]
+    assert len(ranked) == 4 and all(len(g["chosen_heads"].split(",")) == 3 for g in ranked)  # head_count ranked heads
+    assert {g["chosen_heads"] for g in grid.values() if g["method"] == "DREAM" and g["heads"] == "all"} == {"all"}
+    for name in compare.METHODS:  # the best: the highest mean of QA dev and BEIR dev nDCG@10 of the method's runs
+        for g in grid.values():
+            assert g["dev_score"] == pytest.approx((g["qa"]["dev"]["ndcg@10"] + g["beir"]["tinybeir dev"]["ndcg@10"]) / 2)
+        assert grid[best[name]]["dev_score"] == max(g["dev_score"] for g in grid.values() if g["method"] == name)
         assert f"| {name} |" in text
+    assert "## tinybeir (2 queries)" in text and "## tinybeir dev" not in text  # dev chooses, test is reported
     assert len(final["DREAM"]) == len(final["REPLUG-LSR"]) == 2 and len(final["InfoNCE (gold labels)"]) == 1
     assert {r["config"]["seed"] for r in final["DREAM"]} == {0, 1}
     assert "| start encoder |" in text and "| BM25 |  |" in text and "| DREAM | mean |" in text
     assert re.search(r"\| DREAM \| 0 \| [01]\.\d{4} \| [+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]", text)
-    for row in ["DREAM, 16 ranked heads", "DREAM, 16 random heads", "DREAM, question-normalised gradient", "DREAM, k 8"]:
+    for row in ["DREAM, 16 random heads", "DREAM, question-normalised gradient", "DREAM, k 8"]:
         assert f"| {row} |" in text, row
     assert (tmp_path / "cmp" / "health.png").stat().st_size > 1000
     assert (tmp_path / "cmp" / "loss.png").stat().st_size > 1000
@@ -1144,16 +1193,26 @@ def test_compare_runs_the_grid_chooses_on_dev_and_writes_intervals(tmp_path, mon
     compare.compare(cfg, **grid_flags, ablations=list(compare.ABLATIONS), rebuild=True, log=lambda *_: None)
     assert (tmp_path / "cmp" / "compare.md").read_text() == text
     with pytest.raises(SystemExit, match=r"--rebuild: .*dream_lr0.001_tau1/report.json is missing"):
-        compare.compare(cfg, grid_lr="1e-3", grid_temperature="1", rebuild=True, log=lambda *_: None)
+        compare.compare(cfg, grid_lr="1e-3", grid_temperature="1", grid_heads="all", rebuild=True, log=lambda *_: None)
     monkeypatch.undo()
     # a wider grid trains just the runs it adds (and a final seed, if a new run is best on dev)
     trained = []
     monkeypatch.setattr(compare, "train", lambda c, log: trained.append(c.out_dir) or real_train(c, log))
-    compare.compare(cfg, grid_lr="1e-3,1e-4", grid_temperature="0.05,0.2,1", log=lambda *_: None)
-    added = {str(tmp_path / "cmp" / "grid" / f"{loss}_lr{lr}_tau1") for loss in ("dream", "replug") for lr in ("0.001", "0.0001")}
+    compare.compare(cfg, grid_lr="1e-3,1e-4", grid_temperature="0.05,0.2,1", grid_heads="all,loo", log=lambda *_: None)
+    added = {str(tmp_path / "cmp" / "grid" / f"{loss}_lr{lr}_tau1{heads}") for loss, heads in
+             [("dream", ""), ("dream", "_heads-loo"), ("replug", "")] for lr in ("0.001", "0.0001")}
     assert added <= set(trained) and all("tau1" in t or "final" in t for t in trained), trained
-    with pytest.raises(ValueError, match="--ablations heads: choose from ranked_heads"):
+    with pytest.raises(ValueError, match="--ablations heads: choose from random_heads"):
         compare.compare(cfg, ablations=["heads"], log=lambda *_: None)
+    with pytest.raises(ValueError, match="--methods dream,bm25: choose from dream, replug, infonce"):
+        compare.compare(cfg, methods=["dream", "bm25"], log=lambda *_: None)
+    # one method alone: its table has no REPLUG-LSR column values, and nothing else is trained
+    trained.clear()
+    only = dataclasses.replace(cfg, out_dir=str(tmp_path / "only"))
+    final = compare.compare(only, grid_lr="1e-3", grid_temperature="0.05", grid_heads="gold", seeds=1,
+                            methods=["dream"], log=lambda *_: None)
+    assert set(final) == {"start encoder", "DREAM", "BM25"} and len(trained) == 2  # start, one grid run
+    assert "_heads-gold" in trained[1] and final["DREAM"][0]["heads"].count(",") == 2
 
 
 # -----------------------------------------------------------------------------
@@ -1334,6 +1393,17 @@ def test_corpus_examples_never_have_their_own_document_among_their_candidates(tm
         data.load_data(dataclasses.replace(cfg, corpus_examples="sentence"), TOK, log=lambda *_: None)
 
 
+def test_beir_sets_with_dev_add_a_folders_dev_queries_and_never_halve_its_test_queries(tmp_path):
+    from train import Config
+    with_train = write_beir(tmp_path / "a", CORPUS, QUERIES, [("q2", "d2", 1)], split="train")
+    write_beir(tmp_path / "a", CORPUS, QUERIES, QRELS)
+    test_only = write_beir(tmp_path / "b", CORPUS, QUERIES, QRELS)
+    cfg = Config(eval_data=f"{with_train},{test_only}")
+    assert data.beir_sets(cfg, print) == [("a", with_train, "test", None), ("b", test_only, "test", None)]
+    assert data.beir_sets(cfg, print, dev=True) == [("a dev", with_train, "train", None), ("a", with_train, "test", None),
+                                                    ("b", test_only, "test", None)]  # b: nothing to choose on
+
+
 def test_a_tiny_corpus_trains_end_to_end_and_reports_dev_and_test_halves(tmp_path):
     import train
     cfg = corpus_config(tmp_path, toy_collection(tmp_path), steps=3, checkpoint_every=3)
@@ -1349,7 +1419,7 @@ def test_a_tiny_corpus_trains_end_to_end_and_reports_dev_and_test_halves(tmp_pat
     (tmp_path / "scifact").mkdir()
     assert data.beir_sets(dataclasses.replace(cfg, corpus=bare, data_dir=str(tmp_path)), print) == [
         ("scifact", str(tmp_path / "scifact"), "test", None)]
-    summary = train.summary(report, "enc")
+    summary = beir_eval.summary(report, "enc")
     assert "collection dev nDCG@10, after - before:" in summary and "collection nDCG@10, after - before:" in summary
     # REPLUG-LSR on the same examples, and the table of both runs against the start encoder
     replug = dataclasses.replace(cfg, loss="replug", evaluate_before=False, out_dir=str(tmp_path / "replug"))

