@@ -224,16 +224,23 @@ def load_data(cfg, tok, log):
     return train_qs, dev_qs, test_qs, passages, doc_ids
 
 
-def add_candidates(questions, passages, k, seed, owner=None):
+def add_candidates(questions, passages, k, seed, owner=None, siblings=0):
     """Each question's BM25 top-k over the pool (the retriever then scores just these), in a
     random order: BM25's order would tell the position of its favourite. owner: each passage's
-    document; then a question's own document (its group) gives none of its candidates."""
+    document; then a question's own document (its group) gives none of its candidates, except
+    siblings: that many other passages of it (BM25's best first), never a question's own
+    passage (q["passage"], which holds its target)."""
     spare = max(Counter(owner).values()) if owner else 0  # enough to skip a whole document's pieces
     run = bm25_search({f"p{j}": p for j, p in enumerate(passages)},
                       {f"q{i}": q["query"] for i, q in enumerate(questions)}, top_k=k + spare)
+    pieces = {}
+    for j, doc in enumerate(owner or []):
+        pieces.setdefault(doc, []).append(j)
     for i, q in enumerate(questions):
         ranked = [int(pid[1:]) for pid in run[f"q{i}"]]
-        q["candidates"] = [j for j in ranked if owner is None or owner[j] != q["group"]][:k]
+        mine = [j for j in dict.fromkeys(ranked + pieces.get(q["group"], []))
+                if owner and owner[j] == q["group"] and j != q.get("passage")][:siblings]
+        q["candidates"] = mine + [j for j in ranked if owner is None or owner[j] != q["group"]][:k - len(mine)]
         random.Random(seed + i).shuffle(q["candidates"])
         if len(q["candidates"]) < k:
             raise ValueError(f"BM25 found only {len(q['candidates'])} passages for {q['query']!r}"
@@ -321,13 +328,19 @@ def corpus_data(cfg, tok, log):
                          f"candidates from other documents: give more than {cfg.k} passages, or a lower --k")
     if cfg.corpus_examples not in ("passage", "document"):
         raise ValueError(f"--corpus-examples {cfg.corpus_examples!r}: choose passage or document")
-    texts = list(zip(owner, passages)) if cfg.corpus_examples == "passage" else list(documents.items())
+    texts = (list(zip(owner, passages, range(len(passages)))) if cfg.corpus_examples == "passage"
+             else [(doc, text, None) for doc, text in documents.items()])
     examples = corpus_examples(texts, count, cfg.target_tokens)
     if not examples:
         raise ValueError(f"--corpus {path}: no document has text to split into a query and a target (two words "
                          "or more); give documents of a sentence or longer")
     train_qs, val_qs, _ = hold_out(examples, cfg.val_loss_questions, 0, cfg.data_seed)
-    add_candidates(train_qs + val_qs, passages, cfg.k, cfg.data_seed, owner)
+    if cfg.corpus_siblings and cfg.corpus_examples != "passage":
+        raise ValueError(f"--corpus-siblings {cfg.corpus_siblings}: only with --corpus-examples passage (a "
+                         "document's example has no other passage of its own)")
+    if not 0 <= cfg.corpus_siblings < cfg.k:
+        raise ValueError(f"--corpus-siblings {cfg.corpus_siblings}: give 0 to k - 1 = {cfg.k - 1}")
+    add_candidates(train_qs + val_qs, passages, cfg.k, cfg.data_seed, owner, cfg.corpus_siblings)
     _, dev_qs, test_qs = hold_out(questions, cfg.dev_questions, cfg.test_questions, cfg.data_seed)
     if dev_qs + test_qs:
         add_candidates(dev_qs + test_qs, passages, cfg.k, cfg.data_seed)
@@ -339,13 +352,14 @@ def corpus_data(cfg, tok, log):
 
 
 def corpus_examples(texts, count, target_tokens):
-    """One example a text [(its document, text)], a passage or a whole document, from the text
-    alone: the query its opening sentence (a BEIR document's: its title), the target the sentences
-    after it, cut to target_tokens (a text of one sentence: its first and second half of words).
-    The group is the document: no piece of it is ever among the example's candidates, or the LM
-    would copy the continuation out of its source."""
+    """One example a text [(its document, text, its passage index or None)], a passage or a whole
+    document, from the text alone: the query its opening sentence (a BEIR document's: its title),
+    the target the sentences after it, cut to target_tokens (a text of one sentence: its first and
+    second half of words). The group is the document: no piece of it is among the example's
+    candidates (but --corpus-siblings), and never its own passage, or the LM would copy the
+    continuation out of its source."""
     examples = []
-    for doc, text in texts:
+    for doc, text, passage in texts:
         spans = sentence_spans(text)
         if len(spans) >= 2:
             query, target = text[:spans[0][1]].strip(), text[spans[1][0]:].strip()
@@ -354,7 +368,7 @@ def corpus_examples(texts, count, target_tokens):
             query, target = " ".join(words[:len(words) // 2]), " ".join(words[len(words) // 2:])
         if query and target:
             examples.append({"query": query, "target": first_words(target, count, target_tokens), "group": doc,
-                             "gold": None})
+                             "gold": None, "passage": passage})
     return examples
 
 

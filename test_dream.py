@@ -485,7 +485,6 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
 
 
 def test_training_data_errors_name_the_file_and_line(tmp_path):
-    import train
     cfg = tiny_training_setup(tmp_path)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "q1", "target": "v1"}\n{"query": oops}\n')
@@ -1251,7 +1250,6 @@ def test_probe_raise_is_the_change_of_p_useful_along_a_unit_descent_step():
 
 
 def test_replug_step_is_the_descent_step_of_its_kl():
-    import train
     scores, target = torch.tensor([[0.3, -0.2, 0.1], [0.0, 0.4, -0.1]]), torch.tensor([[0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
     useful = torch.tensor([2, 0])
     up, favours = compare.replug_step(scores, target, useful, 0.5)
@@ -1265,7 +1263,6 @@ def test_replug_step_is_the_descent_step_of_its_kl():
 
 
 def test_probe_command_prints_a_table_and_one_json_line(tmp_path, capsys):
-    import train
     from train import Config
     lm_dir, enc_dir = tmp_path / "lm", tmp_path / "enc"
     WORLD.copying_lm(steps=50).save_pretrained(lm_dir)
@@ -1287,7 +1284,6 @@ def test_probe_command_prints_a_table_and_one_json_line(tmp_path, capsys):
 
 
 def test_passages_keep_every_answer_inside_and_refuse_an_empty_paragraph():
-    import train
     count = lambda text: len(text.split())
     context = ("The first sentence is short. The second one, however, runs on for quite a few more words! "
                "Is this the third? " + " ".join(f"w{i}" for i in range(30)) + ". The end.")
@@ -1391,6 +1387,20 @@ def test_corpus_examples_never_have_their_own_document_among_their_candidates(tm
     assert all(f"w{q['group']} " not in passages[j] for q in train_qs + dev_qs for j in q["candidates"])
     with pytest.raises(ValueError, match="--corpus-examples 'sentence': choose passage or document"):
         data.load_data(dataclasses.replace(cfg, corpus_examples="sentence"), TOK, log=lambda *_: None)
+
+
+def test_corpus_siblings_give_other_passages_of_the_same_document_but_never_its_own(tmp_path):
+    cfg = corpus_config(tmp_path, toy_collection(tmp_path), corpus_siblings=1)
+    train_qs, dev_qs, _, passages, _ = data.load_data(cfg, TOK, log=lambda *_: None)
+    for q in train_qs + dev_qs:
+        own = [j for j in q["candidates"] if f"w{q['group']} " in passages[j]]
+        assert len(q["candidates"]) == cfg.k and len(own) == 1, q  # one sibling, k - 1 other documents
+        assert own[0] != q["passage"] and q["target"] in passages[q["passage"]]  # never the passage it continues
+        assert q["target"] not in passages[own[0]]
+    for bad, match in [(dict(corpus_siblings=cfg.k), "give 0 to k - 1"),
+                       (dict(corpus_examples="document"), "only with --corpus-examples passage")]:
+        with pytest.raises(ValueError, match=f"--corpus-siblings .*{match}"):
+            data.load_data(dataclasses.replace(cfg, **bad), TOK, log=lambda *_: None)
 
 
 def test_beir_sets_with_dev_add_a_folders_dev_queries_and_never_halve_its_test_queries(tmp_path):

@@ -85,6 +85,7 @@ class Config:
                                 # data; alone (no train_data), the text that makes the training examples
     corpus_examples: str = "passage"  # --corpus alone: an example a passage, or a document (its title: the query)
     target_tokens: int = 32     # --corpus alone: the continuation after the first sentence, cut to this
+    corpus_siblings: int = 0    # --corpus alone: of the k candidates, this many other passages of the same document
     eval_data: str = ""         # BEIR folders or names, comma-separated; "" = <data_dir>/scifact; none
     data_dir: str = os.environ.get("DREAM_DATA", "../shared/data")
     out_dir: str = "out/small"
