@@ -7,6 +7,7 @@ The research harness: DREAM against its baselines from the same start, and the s
                                                          saved runs; trains nothing
     python compare.py --probe [--temperature 0.2]        what the LM's signal says, before training
     python compare.py --runs out/a,out/b                 a table of finished train.py runs, with intervals
+    python compare.py --drift start,out/a/encoder        how far the space moved (SciFact train queries)
 
 The grid: every method (DREAM, REPLUG-LSR, InfoNCE with gold labels; --methods) trains from the
 same start encoder on the same questions, candidates, steps and schedule, for each --grid-lr, (DREAM
@@ -22,14 +23,16 @@ import argparse
 import dataclasses
 import json
 import os
+import random
 
 import torch
 import torch.nn.functional as F
+from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
 import dream
 from data import beir_sets, load_data
-from eval import evaluate_beir, evaluate_questions, paired_bootstrap
+from eval import encode, evaluate_beir, evaluate_questions, ids_and_texts, load_beir, paired_bootstrap
 from train import (Config, add_config_flags, choose_heads, examples, lm_batch, load_lm, nll_per_document,
                    resolve_models, settings, train)
 
@@ -290,6 +293,35 @@ def runs_table(folders):
 
 
 # -----------------------------------------------------------------------------
+# how the space moved: python compare.py --drift out/a/encoder,out/b/encoder --drift-data DIR
+
+
+def drift(encoders, folder, split="train", start="", queries=300, docs=600, seed=0):
+    """Markdown: for each encoder (a folder, a hub name; "start" = start, the start encoder), on
+    a fixed random sample of a BEIR folder's judged queries (each with one judged document) and of
+    its other documents, the mean cosine of a query to its judged document, to a random document, of two
+    random documents, and how often the judged document is above every random one."""
+    corpus, texts, qrels = load_beir(folder, split)
+    rng = random.Random(seed)
+    qids = rng.sample(sorted(qrels), min(queries, len(qrels)))
+    judged = [next(iter(qrels[q])) for q in qids]
+    rest = sorted(set(corpus) - set(judged))
+    others = rng.sample(rest, min(docs, len(rest)))
+    lines = ["| encoder | cos(query, judged) | cos(query, random) | cos(doc, doc) | judged first |",
+             "|---|---|---|---|---|"]
+    for name in encoders:
+        model = SentenceTransformer(start if name == "start" else name)
+        q = encode(model, [texts[i] for i in qids])
+        g = encode(model, ids_and_texts([corpus[d] for d in judged])[1])
+        o = encode(model, ids_and_texts([corpus[d] for d in others])[1])
+        to_judged, to_other, pairs = (q * g).sum(1), q @ o.T, o @ o.T
+        doc_doc = (pairs.sum() - pairs.diagonal().sum()) / (len(o) * (len(o) - 1))
+        first = (to_other < to_judged[:, None]).all(1).float().mean()
+        lines.append(f"| {name} | {to_judged.mean():.4f} | {to_other.mean():.4f} | {doc_doc:.4f} | {first:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
 # the signal probe: before training, does one step on the DREAM loss pull the gold passage up?
 
 
@@ -401,6 +433,11 @@ def main():
     parser.add_argument("--rebuild", action="store_true", help="tables and plots from the saved runs; train nothing")
     parser.add_argument("--runs", help="comma-separated out_dirs of finished train.py runs: their table, with "
                         "intervals against the start encoder and the first run")
+    parser.add_argument("--drift", help="comma-separated encoders (folders; start = the start encoder): how "
+                        "their space moved on --drift-data's judged queries (mean cosines)")
+    parser.add_argument("--drift-data", default="", help="--drift: a BEIR folder (default <data_dir>/scifact) and "
+                        "its --drift-split (train)")
+    parser.add_argument("--drift-split", default="train")
     parser.add_argument("--grid-lr", default="3e-5,1e-4,3e-4", help="every method tries these on QA dev")
     parser.add_argument("--grid-temperature", default="0.05,0.2", help="and DREAM and REPLUG-LSR these")
     parser.add_argument("--grid-heads", default="all,loo,gold", help="and DREAM these heads: all; loo or gold, "
@@ -416,6 +453,9 @@ def main():
     torch.set_num_threads(os.cpu_count() or 1)
     if args.runs:
         print(runs_table(args.runs.split(",")), end="")
+    elif args.drift:
+        print(drift(args.drift.split(","), args.drift_data or os.path.join(cfg.data_dir, "scifact"), args.drift_split,
+                    start=resolve_models(cfg, print)[1]), end="")
     elif args.probe:
         signal_probe(cfg, args.probe_questions)
     else:

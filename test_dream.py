@@ -1443,6 +1443,23 @@ def test_a_tiny_corpus_trains_end_to_end_and_reports_dev_and_test_halves(tmp_pat
         compare.runs_table([replug.out_dir])
 
 
+def test_drift_measures_the_cosines_it_names(tmp_path):
+    from sentence_transformers import SentenceTransformer
+    corpus = [{"_id": f"d{i}", "title": f"k{i}", "text": f"v{i} k{9 - i}"} for i in range(1, 9)]
+    queries = [{"_id": f"q{i}", "text": f"q{i} k{i}"} for i in range(1, 5)]
+    folder = write_beir(tmp_path / "c", corpus, queries, [(f"q{i}", f"d{i}", 1) for i in range(1, 5)], split="train")
+    enc = tiny_encoder_folder(tmp_path)
+    table = compare.drift(["start", enc], folder, start=enc)  # samples larger than the sets: all of them
+    model = SentenceTransformer(enc)
+    q = encoded(model, [f"q{i} k{i}" for i in range(1, 5)])
+    g = encoded(model, [f"k{i} v{i} k{9 - i}" for i in range(1, 5)])
+    o = encoded(model, [f"k{i} v{i} k{9 - i}" for i in range(5, 9)])  # the unjudged documents
+    pairs = o @ o.T
+    want = (f"| {(q * g).sum(1).mean():.4f} | {(q @ o.T).mean():.4f} | {(pairs.sum() - pairs.trace()) / 12:.4f} | "
+            f"{((q @ o.T) < (q * g).sum(1, keepdim=True)).all(1).float().mean():.3f} |")
+    assert f"| start {want}" in table and f"| {enc} {want}" in table, (table, want)
+
+
 def test_corpus_errors_name_the_file_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"needs corpus.jsonl \(or .gz\), the BEIR layout"):
         (tmp_path / "empty_folder").mkdir()
