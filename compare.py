@@ -298,7 +298,7 @@ def runs_table(folders):
 
 def drift(encoders, folder, split="train", start="", queries=300, docs=600, seed=0):
     """Markdown: for each encoder (a folder, a hub name; "start" = start, the start encoder), on
-    a fixed random sample of a BEIR folder's judged queries (each with one judged document) and of
+    a fixed random sample of a BEIR folder's judged queries (each with its first judged document) and of
     its other documents, the mean cosine of a query to its judged document, to a random document, of two
     random documents, and how often the judged document is above every random one."""
     corpus, texts, qrels = load_beir(folder, split)
@@ -437,7 +437,7 @@ def main():
                         "their space moved on --drift-data's judged queries (mean cosines)")
     parser.add_argument("--drift-data", default="", help="--drift: a BEIR folder (default <data_dir>/scifact) and "
                         "its --drift-split (train)")
-    parser.add_argument("--drift-split", default="train")
+    parser.add_argument("--drift-split", default="train", help="--drift: the qrels split whose queries it reads")
     parser.add_argument("--grid-lr", default="3e-5,1e-4,3e-4", help="every method tries these on QA dev")
     parser.add_argument("--grid-temperature", default="0.05,0.2", help="and DREAM and REPLUG-LSR these")
     parser.add_argument("--grid-heads", default="all,loo,gold", help="and DREAM these heads: all; loo or gold, "

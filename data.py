@@ -233,13 +233,13 @@ def add_candidates(questions, passages, k, seed, owner=None, siblings=0):
     spare = max(Counter(owner).values()) if owner else 0  # enough to skip a whole document's pieces
     run = bm25_search({f"p{j}": p for j, p in enumerate(passages)},
                       {f"q{i}": q["query"] for i, q in enumerate(questions)}, top_k=k + spare)
-    pieces = {}
-    for j, doc in enumerate(owner or []):
+    pieces = {}  # siblings: each document's passages, for one that BM25 did not rank
+    for j, doc in enumerate(owner if siblings else []):
         pieces.setdefault(doc, []).append(j)
     for i, q in enumerate(questions):
         ranked = [int(pid[1:]) for pid in run[f"q{i}"]]
         mine = [j for j in dict.fromkeys(ranked + pieces.get(q["group"], []))
-                if owner and owner[j] == q["group"] and j != q.get("passage")][:siblings]
+                if owner[j] == q["group"] and j != q.get("passage")][:siblings] if siblings else []
         q["candidates"] = mine + [j for j in ranked if owner is None or owner[j] != q["group"]][:k - len(mine)]
         random.Random(seed + i).shuffle(q["candidates"])
         if len(q["candidates"]) < k:
@@ -328,6 +328,11 @@ def corpus_data(cfg, tok, log):
                          f"candidates from other documents: give more than {cfg.k} passages, or a lower --k")
     if cfg.corpus_examples not in ("passage", "document"):
         raise ValueError(f"--corpus-examples {cfg.corpus_examples!r}: choose passage or document")
+    if cfg.corpus_siblings and cfg.corpus_examples != "passage":
+        raise ValueError(f"--corpus-siblings {cfg.corpus_siblings}: only with --corpus-examples passage (a "
+                         "document's example has no other passage of its own)")
+    if not 0 <= cfg.corpus_siblings < cfg.k:
+        raise ValueError(f"--corpus-siblings {cfg.corpus_siblings}: give 0 to k - 1 = {cfg.k - 1}")
     texts = (list(zip(owner, passages, range(len(passages)))) if cfg.corpus_examples == "passage"
              else [(doc, text, None) for doc, text in documents.items()])
     examples = corpus_examples(texts, count, cfg.target_tokens)
@@ -335,11 +340,6 @@ def corpus_data(cfg, tok, log):
         raise ValueError(f"--corpus {path}: no document has text to split into a query and a target (two words "
                          "or more); give documents of a sentence or longer")
     train_qs, val_qs, _ = hold_out(examples, cfg.val_loss_questions, 0, cfg.data_seed)
-    if cfg.corpus_siblings and cfg.corpus_examples != "passage":
-        raise ValueError(f"--corpus-siblings {cfg.corpus_siblings}: only with --corpus-examples passage (a "
-                         "document's example has no other passage of its own)")
-    if not 0 <= cfg.corpus_siblings < cfg.k:
-        raise ValueError(f"--corpus-siblings {cfg.corpus_siblings}: give 0 to k - 1 = {cfg.k - 1}")
     add_candidates(train_qs + val_qs, passages, cfg.k, cfg.data_seed, owner, cfg.corpus_siblings)
     _, dev_qs, test_qs = hold_out(questions, cfg.dev_questions, cfg.test_questions, cfg.data_seed)
     if dev_qs + test_qs:
