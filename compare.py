@@ -350,7 +350,9 @@ def probe(lm, batch, scores, useful, heads="all", temperature=0.05, focus=5.0, p
 
 def signal_probe(cfg, questions=64, log=print):
     """python compare.py --probe: before training, what the LM's signal says on dev questions whose
-    gold passage is among their candidates, at equal scores and at the retriever's own scores."""
+    gold passage is among their candidates, at equal scores and at the retriever's own scores. With
+    --corpus alone (no gold) and --corpus-siblings: the held-out corpus examples (first among the
+    dev questions), their sibling (a passage of their own document) in the gold's place."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lm_name, encoder_name = resolve_models(cfg, log)
     lm, tok = load_lm(lm_name, log, device=device)
@@ -358,9 +360,11 @@ def signal_probe(cfg, questions=64, log=print):
     train_qs, dev_qs, _, passages, doc_ids = load_data(cfg, tok, log)
     os.makedirs(cfg.out_dir, exist_ok=True)
     heads = choose_heads(cfg, lm, tok, train_qs, passages, log)
-    qs = [q for q in dev_qs if q["gold"] in q["candidates"]][:questions]
+    kind = "gold" if dev_qs and dev_qs[0]["gold"] is not None else "sibling"  # --corpus alone: no gold
+    qs = [q for q in dev_qs if q.get(kind) is not None and q[kind] in q["candidates"]][:questions]
     if not qs:
-        raise ValueError("--probe: no dev question has its gold passage among its candidates")
+        raise ValueError("--probe: no dev question has its gold passage among its candidates (with --corpus "
+                         "alone, none has one: give --corpus-siblings 1, and the sibling is asked about)")
     seen = {key: [] for key in ("equal raise", "equal favours", "own raise", "own favours", "focused", "replug",
                                 "replug equal raise", "replug equal favours", "replug own raise", "replug own favours",
                                 "retriever")}
@@ -368,7 +372,7 @@ def signal_probe(cfg, questions=64, log=print):
         idx = range(i, min(i + cfg.batch_size, len(qs)))
         q, d, _ = examples(qs, passages, idx)
         batch = lm_batch(tok, qs, doc_ids, idx, cfg).to(device)
-        useful = torch.tensor([qs[j]["candidates"].index(qs[j]["gold"]) for j in idx], device=device)
+        useful = torch.tensor([qs[j]["candidates"].index(qs[j][kind]) for j in idx], device=device)
         prefix = dream.encode_prefix(lm, batch)
         with torch.no_grad():
             own = dream.score(retriever, q, d)
@@ -404,7 +408,8 @@ def signal_probe(cfg, questions=64, log=print):
              result["replug_own_favours_gold"], f"{1 / cfg.k:.2f}"),
             ("the retriever ranks the gold first", None, result["retriever_ranks_gold_first"], f"{1 / cfg.k:.2f}")]
     fmt = lambda v: "" if v is None else f"{v:.3g}" if abs(v) < 0.01 else f"{v:.2f}"
-    lines = [f"signal probe: {len(qs)} dev questions with the gold among k = {cfg.k} candidates, tau = {cfg.temperature}",
+    lines = [f"signal probe: {len(qs)} dev questions with the {kind} "
+             f"among k = {cfg.k} candidates, tau = {cfg.temperature}",
              "| | equal scores | retriever's scores | chance |", "|---|---|---|---|"]
     lines += [f"| {label} | {fmt(a)} | {fmt(b)} | {c} |" for label, a, b, c in rows]
     log("\n".join(lines))

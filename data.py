@@ -241,6 +241,8 @@ def add_candidates(questions, passages, k, seed, owner=None, siblings=0):
         mine = [j for j in dict.fromkeys(ranked + pieces.get(q["group"], []))
                 if owner[j] == q["group"] and j != q.get("passage")][:siblings] if siblings else []
         q["candidates"] = mine + [j for j in ranked if owner is None or owner[j] != q["group"]][:k - len(mine)]
+        if siblings:  # its own document's passage BM25 likes best: what --probe asks about, infonce's positive
+            q["sibling"] = mine[0] if mine else None
         random.Random(seed + i).shuffle(q["candidates"])
         if len(q["candidates"]) < k:
             raise ValueError(f"BM25 found only {len(q['candidates'])} passages for {q['query']!r}"

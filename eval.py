@@ -403,6 +403,8 @@ def evaluate_questions(retriever, sets, passages, pool=None, log=lambda *_: None
     out = {}
     for name in sets:
         qids = [f"{name}{i}" for i, q in enumerate(sets[name]) if q["gold"] is not None]
+        if not qids:  # a set with no judged question (--test-questions 0, say): nothing to report
+            continue
         out[name] = evaluate({qid: {f"p{judged[qid]['gold']}": 1} for qid in qids},
                              {qid: run.get(qid, {}) for qid in qids}, per_query=True)
         log(f"QA {name}: nDCG@10 {out[name][0]['ndcg@10']:.4f}, Recall@100 {out[name][0]['recall@100']:.4f} "

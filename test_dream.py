@@ -762,6 +762,13 @@ def test_paired_bootstrap_pairs_dicts_by_query_and_checks_its_input():
         beir_eval.paired_bootstrap(a, [1.0, 0.25, 0.0])
 
 
+def test_question_sets_without_a_judged_question_are_left_out():
+    passages = ["cats purr often", "dogs bark loudly", "fish swim deep"]
+    sets = {"dev": [{"query": "do dogs bark", "gold": 1}], "test": [], "unjudged": [{"query": "fish", "gold": None}]}
+    out = beir_eval.evaluate_questions(None, sets, passages)  # BM25
+    assert list(out) == ["dev"] and out["dev"][0]["ndcg@10"] == 1.0
+
+
 def test_command_line_scores_bm25_alone(tmp_path, monkeypatch, capsys):
     def no_encoder(*args, **kwargs):
         raise AssertionError("no --encoder was given, yet an encoder was loaded")
@@ -1342,6 +1349,23 @@ def test_question_normalised_dream_gives_every_question_a_unit_gradient(tmp_path
     torch.testing.assert_close(scores.grad, g / g.norm(dim=1, keepdim=True) / 3)  # its direction, unit per question
 
 
+def test_centred_scores_take_off_what_the_other_queries_give_each_document(tmp_path):
+    import train
+    torch.manual_seed(0)
+    e = F.normalize(torch.randn(3 + 6, 8), dim=-1)
+    model = lambda texts: e[[int(t) for t in texts]]
+    queries, docs = ["0", "1", "2"], [["3", "4"], ["5", "6"], ["7", "8"]]
+    s = e[:3] @ e[3:].T  # every query against every document
+    want = torch.tensor([[s[b, 2 * b + j] - (s[:, 2 * b + j].sum() - s[b, 2 * b + j]) / 2 for j in range(2)]
+                         for b in range(3)])
+    torch.testing.assert_close(train.centered_scores(model, queries, docs), want)
+    e[1], e[2] = e[0], e[0]  # every query alike: what each gives a document, the others give it too
+    assert train.centered_scores(model, queries, docs).abs().max() < 1e-6
+    cfg = dataclasses.replace(tiny_training_setup(tmp_path), center=True, batch_size=1)
+    with pytest.raises(ValueError, match="--center.*--batch-size 1"):
+        train.train(cfg)
+
+
 # -----------------------------------------------------------------------------
 # no labels at all: --corpus alone makes its training examples from the text
 
@@ -1396,7 +1420,18 @@ def test_corpus_siblings_give_other_passages_of_the_same_document_but_never_its_
         own = [j for j in q["candidates"] if f"w{q['group']} " in passages[j]]
         assert len(q["candidates"]) == cfg.k and len(own) == 1, q  # one sibling, k - 1 other documents
         assert own[0] != q["passage"] and q["target"] in passages[q["passage"]]  # never the passage it continues
-        assert q["target"] not in passages[own[0]]
+        assert q["target"] not in passages[own[0]] and q["sibling"] == own[0]
+    import train  # --loss infonce: the sibling is the positive (each query here embeds as its sibling)
+    qs, width = train_qs[:2], len(passages) + 1
+    place = {**{p: j for j, p in enumerate(passages)}, **{q["query"]: q["sibling"] for q in qs}}
+    embed = lambda texts: F.one_hot(torch.tensor([place[t] for t in texts]), width).float()
+    loss, tops = train.infonce_loss(cfg, embed, qs, passages, [0, 1])
+    assert loss.item() < 1e-6 and tops == [q["sibling"] for q in qs]
+    lines = []  # the probe asks about the sibling: the only passage of the example's own document
+    result = compare.signal_probe(dataclasses.replace(cfg, out_dir=str(tmp_path / "probe")), 4, lines.append)
+    assert "dev questions with the sibling among k = 2" in lines[-1] and 1 <= result["questions"] <= 4
+    with pytest.raises(ValueError, match="--probe: no dev question .* give --corpus-siblings 1"):
+        compare.signal_probe(dataclasses.replace(cfg, corpus_siblings=0), 4, lines.append)
     for bad, match in [(dict(corpus_siblings=cfg.k), "give 0 to k - 1"),
                        (dict(corpus_examples="document"), "only with --corpus-examples passage")]:
         with pytest.raises(ValueError, match=f"--corpus-siblings .*{match}"):

