@@ -3,6 +3,7 @@ Evaluate a retriever on BEIR datasets: exact dense search, optional BM25, BEIR's
 
     python eval.py --encoder NAME_OR_DIR --data DIR_OR_NAME [--data ...] [--split test]
                    [--out results.json] [--save-run run.tsv] [--bm25] [--batch-size 64]
+                   [--max-seq-length 256] [--dtype bf16]
     python eval.py --bm25 --data DIR_OR_NAME [--data ...]      (BM25 alone, no encoder)
     torchrun --standalone --nproc_per_node=2 eval.py --encoder ... --data ...
 
@@ -19,6 +20,11 @@ the embeddings: the scores are one process's (up to rounding); only rank 0 print
            or, without --encoder, alone.
 --out      JSON {dataset: {"ndcg@10", "recall@100", "mrr@10", "map@100"}} for the encoder;
            with --bm25, BM25's metrics sit beside it (or alone) under the key "<dataset>/bm25".
+--max-seq-length  the encoder reads at most this many of its tokens of a text (default: the
+           encoder's own setting: 256 word pieces for all-MiniLM-L6-v2, but the whole context, 8,192
+           tokens, for a decoder retriever built from a plain LM such as train.py --decoder's).
+--dtype    fp32 (default) or bf16: encode under bf16 autocast, about 2x faster on CPUs with bf16
+           support, the embeddings close to fp32's but not equal (numbers not comparable to fp32's).
 --save-run TREC run file(s) "qid Q0 docid rank score tag". With more than one run to save, the
            result key goes before the extension: run.scifact.tsv, run.scifact.bm25.tsv.
 
@@ -498,9 +504,13 @@ def main():
     parser.add_argument("--save-run", help="write the run(s) here in TREC format")
     parser.add_argument("--bm25", action="store_true", help="evaluate BM25 (too, or alone)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-seq-length", type=int, help="cut each text to this many encoder tokens")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: encode under autocast")
     args = parser.parse_args()
     if not args.encoder and not args.bm25:
         parser.error("nothing to evaluate: give --encoder NAME_OR_DIR and/or --bm25")
+    if args.max_seq_length is not None and args.max_seq_length < 1:
+        parser.error(f"--max-seq-length {args.max_seq_length}: give a positive number of tokens")
 
     rank, world, device = init_distributed()
     master = rank == 0  # the one process that talks and writes files
@@ -518,6 +528,8 @@ def main():
     if args.encoder:
         with quiet():
             retriever = load_retriever(args.encoder, device=device)
+        if args.max_seq_length:
+            retriever.max_seq_length = args.max_seq_length
         tag = os.path.basename(os.path.normpath(args.encoder))
     several_runs = len(args.data) * (bool(args.encoder) + args.bm25) > 1
     results, names = {}, []
@@ -532,7 +544,8 @@ def main():
         runs = {}
         if args.encoder:
             t0 = time.time()
-            runs[name] = dense_search(retriever, corpus, queries, batch_size=args.batch_size)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+                runs[name] = dense_search(retriever, corpus, queries, batch_size=args.batch_size)
             log(f"{name}: encoded and searched in {time.time() - t0:.1f}s")
         if not master:
             continue  # the encoding was shared; the rest is rank 0's

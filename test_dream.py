@@ -686,18 +686,23 @@ def test_bm25_ranks_the_matching_passage_first():
     assert list(run["q1"])[0] == "d1"
 
 
-def test_command_line_writes_table_json_and_runs(tmp_path, monkeypatch, capsys):
+def toy_bert_folder(folder):
+    """A one-layer BERT with a word-level tokenizer over the toy collection's words, saved to folder."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
     words = ["[PAD]", "[UNK]"] + sorted({w for row in CORPUS + QUERIES for w in
                                         (row.get("title", "") + " " + row["text"]).lower().split()})
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    encoder = str(tmp_path / "encoder")
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, intermediate_size=32)).save_pretrained(encoder)
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(encoder)
+                         num_attention_heads=2, intermediate_size=32)).save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(folder)
+    return str(folder)
+
+
+def test_command_line_writes_table_json_and_runs(tmp_path, monkeypatch, capsys):
+    encoder = toy_bert_folder(tmp_path / "encoder")
     data = write_beir(tmp_path / "toyset", CORPUS, QUERIES, QRELS)
     out, runs = tmp_path / "results.json", tmp_path / "run.tsv"
     monkeypatch.setattr(sys, "argv", ["eval.py", "--encoder", encoder, "--data", data, "--bm25",
@@ -711,6 +716,32 @@ def test_command_line_writes_table_json_and_runs(tmp_path, monkeypatch, capsys):
     lines = (tmp_path / "run.toyset.bm25.tsv").read_text().splitlines()
     assert lines[0].split()[:4] == ["q1", "Q0", "d1", "1"] and lines[0].endswith(" bm25")
     assert len((tmp_path / "run.toyset.tsv").read_text().splitlines()) == 2 * 3
+
+
+def test_command_line_cuts_texts_and_encodes_in_bf16(tmp_path, monkeypatch, capsys):
+    encoder = toy_bert_folder(tmp_path / "encoder")
+    data = write_beir(tmp_path / "toyset", CORPUS, QUERIES, QRELS)
+    seen, search = {}, beir_eval.dense_search
+
+    def spy(retriever, corpus, queries, **kwargs):  # what the search ran with, then the search itself
+        seen["length"], seen["bf16"] = retriever.max_seq_length, torch.is_autocast_enabled("cpu")
+        seen["dtype"] = torch.get_autocast_dtype("cpu")
+        seen["cut"] = retriever.tokenize(["cats purr and sleep all day"])["input_ids"].shape[1]
+        return search(retriever, corpus, queries, **kwargs)
+    monkeypatch.setattr(beir_eval, "dense_search", spy)
+    out = tmp_path / "results.json"
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--encoder", encoder, "--data", data, "--max-seq-length", "2",
+                                      "--dtype", "bf16", "--out", str(out)])
+    beir_eval.main()
+    assert seen == {"length": 2, "bf16": True, "dtype": torch.bfloat16, "cut": 2}
+    assert set(json.loads(out.read_text())["toyset"]) == set(beir_eval.METRICS)
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--encoder", encoder, "--data", data])
+    beir_eval.main()  # the defaults: the encoder's own length, fp32
+    assert seen["bf16"] is False and seen["cut"] == 6
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--encoder", encoder, "--data", data, "--max-seq-length", "0"])
+    with pytest.raises(SystemExit) as stopped:
+        beir_eval.main()
+    assert stopped.value.code == 2 and "--max-seq-length 0: give a positive number" in capsys.readouterr().err
 
 
 def test_per_query_metrics_average_to_the_means():
