@@ -371,15 +371,18 @@ POOLING = {"mean": "mean", "cls": "cls", "last": "lasttoken"}
 
 def load_retriever(name_or_path, pooling=None, lora=0, device=None):
     """A SentenceTransformer to train. pooling: "mean", "cls" or "last" (the last token, for
-    decoder embedders: every text then ends with the tokenizer's EOS); None keeps the folder's own
-    (a plain transformers folder: mean). lora > 0: LoRA adapters of that rank (peft) on every
-    linear layer, the rest frozen."""
+    decoder embedders: every text then ends with the tokenizer's EOS; it goes in as itself, never
+    through a chat template); None keeps the folder's own (a plain transformers folder: mean).
+    lora > 0: LoRA adapters of that rank (peft) on every linear layer, the rest frozen."""
     if pooling is None:
         retriever = SentenceTransformer(name_or_path, device=device)
     else:
         if pooling not in POOLING:
             raise ValueError(f"pooling={pooling!r}: choose one of {list(POOLING)}")
-        body = Transformer(name_or_path)
+        # text only: with a "message" modality sentence-transformers wraps every text in the
+        # tokenizer's chat template (SmolLM2-Instruct's puts a system prompt before each text)
+        body = Transformer(name_or_path, modality_config={"text": {"method": "forward", "method_output_name":
+                           "last_hidden_state"}}, module_output_name="token_embeddings")
         retriever = SentenceTransformer(modules=[body, Pooling(body.get_embedding_dimension(), POOLING[pooling]),
                                                  Normalize()], device=device)
     tok = retriever.tokenizer

@@ -245,9 +245,12 @@ def tiny_encoder_folder(tmp_path, decoder=False):
                                      num_attention_heads=4, intermediate_size=64))
     folder = str(tmp_path / "start")
     model.save_pretrained(folder)
-    if decoder:  # a decoder's tokenizer has an EOS ("Answer" here) and, like Llama's, may add a BOS ("Question")
+    if decoder:  # a decoder's tokenizer has an EOS ("Answer" here) and, like Llama's, may add a BOS ("Question");
+        # like an instruct model's, a chat template with a system prompt the retriever must not read
         PreTrainedTokenizerFast(tokenizer_object=TOK.backend_tokenizer, pad_token="[PAD]", unk_token="[UNK]",
-                                eos_token="Answer", bos_token="Question", add_bos_token=True).save_pretrained(folder)
+                                eos_token="Answer", bos_token="Question", add_bos_token=True,
+                                chat_template="k9 q9 {% for m in messages %}{{ m['content'] }} v9{% endfor %}"
+                                ).save_pretrained(folder)
     else:
         TOK.save_pretrained(folder)
     return folder
@@ -974,10 +977,13 @@ def test_lora_decoder_retriever_trains_adapters_and_reloads(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path / "lora")  # the adapter names its base by an absolute path: it loads from anywhere
     again = SentenceTransformer(str(saved), device="cpu")
     assert again[1].pooling_mode == "lasttoken"
-    for tok in (retriever.tokenizer, again.tokenizer):  # every text ends with the EOS: the last token read it all
+    for model in (retriever, again):  # every text ends with the EOS: the last token read it all
+        tok = model.tokenizer
         ids = tok(["k1 v1", "q2 q3 q4 k4 v7"], padding=True)
         assert [row[:n][-1] for row, n in zip(ids["input_ids"], map(sum, ids["attention_mask"]))] == [tok.eos_token_id] * 2
         assert ids["input_ids"][0][0] == tok.bos_token_id  # a BOS the tokenizer adds stays
+        # and that is what the model reads: the text alone, not wrapped in the chat template
+        assert model.preprocess(["k1 v1", "q2 q3 q4 k4 v7"])["input_ids"].tolist() == ids["input_ids"]
     assert (encoded(again) - after).abs().max() <= 1e-5
     assert (encoded(again) - before).abs().max() > 1e-4  # the adapter, not the base model alone
 
