@@ -369,26 +369,30 @@ def dream_loss(lm, batch, scores, heads="all", temperature=0.05, reduction="mean
 POOLING = {"mean": "mean", "cls": "cls", "last": "lasttoken"}
 
 
-def load_retriever(name_or_path, pooling=None, lora=0, device=None):
+def load_retriever(name_or_path, pooling=None, lora=0, device=None, chat_template=True):
     """A SentenceTransformer to train. pooling: "mean", "cls" or "last" (the last token, for
-    decoder embedders: every text then ends with the tokenizer's EOS; it goes in as itself, never
-    through a chat template); None keeps the folder's own (a plain transformers folder: mean).
-    lora > 0: LoRA adapters of that rank (peft) on every linear layer, the rest frozen."""
+    decoder embedders); None keeps the folder's own (a plain transformers folder: mean). With a
+    pooling, chat_template=True lets sentence-transformers render each text through the tokenizer's
+    chat template where it has one (SmolLM2-Instruct: a system prompt, the text as the user's turn,
+    then <|im_end|>); False: the text alone, ending with the tokenizer's EOS. --decoder trained far
+    faster with the template (RESULTS.md). lora > 0: LoRA adapters of that rank (peft) on every
+    linear layer, the rest frozen."""
     if pooling is None:
         retriever = SentenceTransformer(name_or_path, device=device)
     else:
         if pooling not in POOLING:
             raise ValueError(f"pooling={pooling!r}: choose one of {list(POOLING)}")
-        # text only: with a "message" modality sentence-transformers wraps every text in the
-        # tokenizer's chat template (SmolLM2-Instruct's puts a system prompt before each text)
-        body = Transformer(name_or_path, modality_config={"text": {"method": "forward", "method_output_name":
-                           "last_hidden_state"}}, module_output_name="token_embeddings")
+        # text only (no "message" modality): sentence-transformers then skips the chat template
+        plain = dict(modality_config={"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
+                     module_output_name="token_embeddings")
+        body = Transformer(name_or_path, **({} if chat_template else plain))
         retriever = SentenceTransformer(modules=[body, Pooling(body.get_embedding_dimension(), POOLING[pooling]),
                                                  Normalize()], device=device)
     tok = retriever.tokenizer
     if pooling == "last" and tok.eos_token is not None:
         # a causal model's last token has read the whole text only if it comes after it: an EOS,
         # appended by the tokenizer itself, so it is saved with it and encode() agrees; a BOS stays
+        # (a chat template closes the text itself)
         bos = tok.bos_token is not None and tok("a")["input_ids"][0] == tok.bos_token_id
         tok.add_bos_token, tok.add_eos_token = bos, True
     if tok.pad_token is None:  # decoders often have none; padding is masked out

@@ -249,7 +249,7 @@ def tiny_encoder_folder(tmp_path, decoder=False):
         # like an instruct model's, a chat template with a system prompt the retriever must not read
         PreTrainedTokenizerFast(tokenizer_object=TOK.backend_tokenizer, pad_token="[PAD]", unk_token="[UNK]",
                                 eos_token="Answer", bos_token="Question", add_bos_token=True,
-                                chat_template="k9 q9 {% for m in messages %}{{ m['content'] }} v9{% endfor %}"
+                                chat_template="q7 q1 {% for m in messages %}{{ m['content'] }} k5{% endfor %}"
                                 ).save_pretrained(folder)
     else:
         TOK.save_pretrained(folder)
@@ -977,15 +977,25 @@ def test_lora_decoder_retriever_trains_adapters_and_reloads(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path / "lora")  # the adapter names its base by an absolute path: it loads from anywhere
     again = SentenceTransformer(str(saved), device="cpu")
     assert again[1].pooling_mode == "lasttoken"
-    for model in (retriever, again):  # every text ends with the EOS: the last token read it all
-        tok = model.tokenizer
+    for tok in (retriever.tokenizer, again.tokenizer):  # every text ends with the EOS: the last token read it all
         ids = tok(["k1 v1", "q2 q3 q4 k4 v7"], padding=True)
         assert [row[:n][-1] for row, n in zip(ids["input_ids"], map(sum, ids["attention_mask"]))] == [tok.eos_token_id] * 2
         assert ids["input_ids"][0][0] == tok.bos_token_id  # a BOS the tokenizer adds stays
-        # and that is what the model reads: the text alone, not wrapped in the chat template
-        assert model.preprocess(["k1 v1", "q2 q3 q4 k4 v7"])["input_ids"].tolist() == ids["input_ids"]
     assert (encoded(again) - after).abs().max() <= 1e-5
     assert (encoded(again) - before).abs().max() > 1e-4  # the adapter, not the base model alone
+
+
+def test_decoder_retriever_reads_the_chat_template_unless_told_not_to(tmp_path):
+    from sentence_transformers import SentenceTransformer
+    folder, texts = tiny_encoder_folder(tmp_path, decoder=True), ["k1 v1", "q2 q3 q4 k4 v7"]
+    plain = dream.load_retriever(folder, pooling="last", chat_template=False)
+    ids = plain.tokenizer(texts, padding=True)["input_ids"]  # BOS, the text, EOS
+    plain.save(str(tmp_path / "plain"))
+    for model in (plain, SentenceTransformer(str(tmp_path / "plain"), device="cpu")):  # saved with its choice
+        assert model.preprocess(texts)["input_ids"].tolist() == ids
+    templated = dream.load_retriever(folder, pooling="last")  # the default: the template's "q7 q1 <text> k5"
+    read = templated.tokenizer.convert_ids_to_tokens(templated.preprocess(texts[:1])["input_ids"][0])
+    assert [t for t in read if t not in ("[PAD]", "Question", "Answer")] == ["q7", "q1", "k1", "v1", "k5"]
 
 
 def test_decoder_preset_sets_the_paper_retriever_and_flags_given_win():
