@@ -374,7 +374,7 @@ def load_retriever(name_or_path, pooling=None, lora=0, device=None, chat_templat
     decoder embedders); None keeps the folder's own (a plain transformers folder: mean). With a
     pooling, chat_template=True lets sentence-transformers render each text through the tokenizer's
     chat template where it has one (SmolLM2-Instruct: a system prompt, the text as the user's turn,
-    then <|im_end|>); False: the text alone, ending with the tokenizer's EOS. --decoder trained far
+    then <|im_end|>); False: the text alone, ending with the tokenizer's EOS. --decoder trained
     faster with the template (RESULTS.md). lora > 0: LoRA adapters of that rank (peft) on every
     linear layer, the rest frozen."""
     if pooling is None:
