@@ -383,9 +383,9 @@ def load_retriever(name_or_path, pooling=None, lora=0, device=None, chat_templat
         if pooling not in POOLING:
             raise ValueError(f"pooling={pooling!r}: choose one of {list(POOLING)}")
         # text only (no "message" modality): sentence-transformers then skips the chat template
-        plain = dict(modality_config={"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
-                     module_output_name="token_embeddings")
-        body = Transformer(name_or_path, **({} if chat_template else plain))
+        text_only = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
+        body = Transformer(name_or_path) if chat_template else \
+            Transformer(name_or_path, modality_config=text_only, module_output_name="token_embeddings")
         retriever = SentenceTransformer(modules=[body, Pooling(body.get_embedding_dimension(), POOLING[pooling]),
                                                  Normalize()], device=device)
     tok = retriever.tokenizer

@@ -246,7 +246,7 @@ def tiny_encoder_folder(tmp_path, decoder=False):
     folder = str(tmp_path / "start")
     model.save_pretrained(folder)
     if decoder:  # a decoder's tokenizer has an EOS ("Answer" here) and, like Llama's, may add a BOS ("Question");
-        # like an instruct model's, a chat template with a system prompt the retriever must not read
+        # like an instruct model's, a chat template that wraps each text ("q7 q1 <text> k5")
         PreTrainedTokenizerFast(tokenizer_object=TOK.backend_tokenizer, pad_token="[PAD]", unk_token="[UNK]",
                                 eos_token="Answer", bos_token="Question", add_bos_token=True,
                                 chat_template="q7 q1 {% for m in messages %}{{ m['content'] }} k5{% endfor %}"
@@ -729,7 +729,7 @@ def test_command_line_cuts_texts_and_encodes_in_bf16(tmp_path, monkeypatch, caps
     def spy(retriever, corpus, queries, **kwargs):  # what the search ran with, then the search itself
         seen["length"], seen["bf16"] = retriever.max_seq_length, torch.is_autocast_enabled("cpu")
         seen["dtype"] = torch.get_autocast_dtype("cpu")
-        seen["cut"] = retriever.tokenize(["cats purr and sleep all day"])["input_ids"].shape[1]
+        seen["cut"] = retriever.preprocess(["cats purr and sleep all day"])["input_ids"].shape[1]
         return search(retriever, corpus, queries, **kwargs)
     monkeypatch.setattr(beir_eval, "dense_search", spy)
     out = tmp_path / "results.json"
