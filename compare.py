@@ -327,25 +327,27 @@ def drift(encoders, folder, split="train", start="", queries=300, docs=600, seed
 # the signal probe: before training, does one step on the DREAM loss pull the gold passage up?
 
 
-def probe(lm, batch, scores, useful, heads="all", temperature=0.05, focus=5.0, prefix=None):
+def probe(lm, batch, scores, useful, heads="all", temperature=0.05, focus=5.0, prefix=None, **reading):
     """What the training signal says about each example's useful document (useful: [B] indices
     among its k), at the given scores [B, k]. Returns [B] tensors:
       raise:   the first-order change of p(useful) = softmax(s/tau)[useful] along a unit step of
                descent on the DREAM loss (> 0: the step pulls the useful document up)
       favours: the document whose score the descent step raises most
       focused: the document whose bias focused on it (s/tau = focus there, 0 elsewhere) gives the
-               lowest loss: where the LM itself would look"""
+               lowest loss: where the LM itself would look
+    reading: dream_loss's injection and hide_documents."""
     B, k = scores.shape
     prefix = dream.encode_prefix(lm, batch) if prefix is None else prefix
     s = scores.detach().float().requires_grad_()
-    grad, = torch.autograd.grad(dream.dream_loss(lm, batch, s, heads, temperature, prefix=prefix), s)
+    grad, = torch.autograd.grad(dream.dream_loss(lm, batch, s, heads, temperature, prefix=prefix, **reading), s)
     p = F.softmax(s.detach() / temperature, -1)
     p_useful = p.gather(1, useful[:, None])[:, 0]
     # d p_u / d s = p_u (e_u - p) / tau, dotted with the unit descent direction -grad / |grad|
     slope = -(grad.gather(1, useful[:, None])[:, 0] - (p * grad).sum(1)) * p_useful / temperature
     with torch.no_grad():
         focused = torch.stack([dream.dream_loss(lm, batch, temperature * focus * F.one_hot(torch.full((B,), i), k).to(s),
-                                                heads, temperature, reduction="none", prefix=prefix) for i in range(k)], 1)
+                                                heads, temperature, reduction="none", prefix=prefix, **reading)
+                               for i in range(k)], 1)
     return {"raise": slope / grad.norm(dim=1).clamp(min=1e-30), "favours": (-grad).argmax(1),
             "focused": focused.argmin(1)}
 
@@ -380,7 +382,8 @@ def signal_probe(cfg, questions=64, log=print):
             own = dream.score(retriever, q, d)
             nll = nll_per_document(lm, tok, qs, doc_ids, idx, cfg, device)
         for name, scores in (("equal", torch.zeros_like(own)), ("own", own)):
-            out = probe(lm, batch, scores, useful, heads, cfg.temperature, prefix=prefix)
+            out = probe(lm, batch, scores, useful, heads, cfg.temperature, prefix=prefix, injection=cfg.injection,
+                        hide_documents=cfg.hide_documents)
             seen[f"{name} raise"] += out["raise"].tolist()
             seen[f"{name} favours"] += (out["favours"] == useful).tolist()
             up, favours = replug_step(scores, F.softmax(-nll / cfg.beta, -1), useful, cfg.temperature)
@@ -392,6 +395,7 @@ def signal_probe(cfg, questions=64, log=print):
     share = lambda key: sum(v > 0 for v in seen[key]) / len(qs)
     median = lambda key: sorted(seen[key])[len(qs) // 2]
     result = {"questions": len(qs), "k": cfg.k, "temperature": cfg.temperature, "heads": heads,
+              "injection": cfg.injection, "hide_documents": cfg.hide_documents,
               "equal_raises_gold": share("equal raise"), "equal_median_raise": median("equal raise"),
               "equal_favours_gold": share("equal favours"), "own_raises_gold": share("own raise"),
               "own_median_raise": median("own raise"), "own_favours_gold": share("own favours"),
@@ -411,7 +415,8 @@ def signal_probe(cfg, questions=64, log=print):
             ("the retriever ranks the gold first", None, result["retriever_ranks_gold_first"], f"{1 / cfg.k:.2f}")]
     fmt = lambda v: "" if v is None else f"{v:.3g}" if abs(v) < 0.01 else f"{v:.2f}"
     lines = [f"signal probe: {len(qs)} dev questions with the {kind} "
-             f"among k = {cfg.k} candidates, tau = {cfg.temperature}",
+             f"among k = {cfg.k} candidates, tau = {cfg.temperature}, injection {cfg.injection}"
+             + (", the documents hidden from the other heads" if cfg.hide_documents else ""),
              "| | equal scores | retriever's scores | chance |", "|---|---|---|---|"]
     lines += [f"| {label} | {fmt(a)} | {fmt(b)} | {c} |" for label, a, b, c in rows]
     log("\n".join(lines))

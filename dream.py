@@ -6,18 +6,27 @@ A retriever E scores a query q against k candidate documents,
     s_i = cos(E(q), E(d_i)),
 
 and a frozen causal LM reads  [d_1] ... [d_k] [q] [y]  and predicts the target y (an answer).
-In selected attention heads, every attention logit from a position after the documents (the
-query and target tokens) to a token of document i gets the bias
+In selected attention heads, the scores decide how much attention each document gets from the
+positions after the documents (the query and target tokens). With p = softmax(s / tau), two readings:
 
-    b_i = log softmax(s / tau)_i + log k.
+  "scale" (the default): every logit from such a row to a token of document i gets the bias
 
-The k documents now compete for one attention budget: in such a head the attention mass on
-document i is multiplied by k * softmax(s / tau)_i and renormalised. Equal scores give b = 0, so
-the LM is exactly itself. The loss is the LM's next-token cross-entropy on y only,
+    b_i = log p_i + log k,
 
-    L = -1/|y| sum_t log p_LM(y_t | d_1..d_k, q, y_<t ; b(s)),
+  which multiplies the head's own mass m_i on document i by k p_i, then renormalises: a share
+  proportional to p_i m_i. Equal scores give b = 0: the LM is exactly itself.
 
-and its gradient reaches the retriever through b alone: the LM is frozen, and there are no
+  "set": document i gets exactly the share p_i of the row's mass on the documents, M = sum_i m_i,
+  each document keeping its own distribution over its tokens (the bias b_i = log p_i + log M - log m_i,
+  a different one in every row). Equal scores give every document M / k: no longer the LM itself.
+
+Optionally (hide_documents) the other heads' query and target rows see no document, so the
+documents reach the prediction through the selected heads alone. The loss is the LM's next-token
+cross-entropy on y only,
+
+    L = -1/|y| sum_t log p_LM(y_t | d_1..d_k, q, y_<t ; p(s)),
+
+and its gradient reaches the retriever through p alone: the LM is frozen, and there are no
 relevance labels. Whichever document helps the LM predict y is pulled up.
 
 The retriever is any sentence-transformers model; score(retriever, queries, docs) gives its [B, k]
@@ -46,58 +55,85 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 @dataclass
 class DocBias:
-    """What the attention layers need to know: the bias and which heads get it."""
-    bias: torch.Tensor   # [B, T, S] added to the logits of the T query rows over the S key columns
-    heads: dict          # layer index -> [H] float mask, 1.0 for a biased head
+    """What the attention layers need to know: the documents' weights, their columns, the heads."""
+    log_p: torch.Tensor  # [B, k] log softmax(s / tau): the weight of each document
+    in_doc: torch.Tensor  # [B, k, S] bool: which key columns are document i's
+    heads: dict          # layer index -> [H] float mask, 1.0 for a selected (biased) head
+    injection: str = "scale"  # "scale" or "set" (the module docstring)
+    hide: bool = False   # the query and target rows of every other head see no document
     reached: int = 0     # how many biased layers saw it (a model that drops kwargs is caught)
     attentions: dict = None  # layer -> [B, H, T, S] probabilities, when asked for
     reference: bool = False  # compute by hand even where torch's SDPA kernel gives the same result
 
+    def scale_bias(self):
+        """[B, 1, 1, S]: b_i = log p_i + log k on document i's columns, 0 elsewhere."""
+        b = self.log_p + math.log(self.log_p.shape[-1])
+        return torch.einsum("bk,bks->bs", b, self.in_doc.to(b))[:, None, None]
+
+    def set_bias(self, logits):
+        """[B, H, T, S]: the bias that gives document i exactly p_i of the row's document mass M,
+        each document keeping its own distribution: b_i = log p_i + log M - log m_i, where m_i is
+        the mass the row's unbiased logits [B, H, T, S] (masked ones very negative) give it."""
+        lse = torch.stack([logits.masked_fill(~self.in_doc[:, None, None, i], torch.finfo(logits.dtype).min)
+                           .logsumexp(-1) for i in range(self.in_doc.shape[1])], -1)    # log m_i + log Z
+        b = self.log_p[:, None, None] + lse.logsumexp(-1, keepdim=True) - lse        # [B, H, T, k]
+        return torch.einsum("bhtk,bks->bhts", b, self.in_doc.to(b))
+
 
 def dream_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                    dream=None, **kwargs):
+                    score_bias=None, **kwargs):
     """Attention for one layer. query [B, H, T, D]; key, value [B, H_kv, S, D] (S >= T with a cache).
 
-    Layers without a biased head go to the model's fast SDPA kernel unchanged."""
-    heads = dream.heads.get(module.layer_idx) if dream is not None else None
-    if heads is None:
+    Layers the score bias does not touch go to the model's fast SDPA kernel unchanged."""
+    sb = score_bias
+    selected = sb.heads.get(module.layer_idx) if sb is not None else None
+    if selected is None and not (sb is not None and sb.hide):
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError(f"{type(module).__name__} uses attention softcapping or sinks, which "
                                   "the score-biased attention does not implement")
-    dream.reached += 1
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    T, S = query.shape[-2], key.shape[-2]
+    B, H, T, S = *query.shape[:3], key.shape[-2]
     if attention_mask is None:  # transformers omits the mask when plain causal is enough
         attention_mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)
-    # the DREAM bias, in the selected heads only: [B, 1, T, S] when every head is biased
-    bias = dream.bias[:, None] if heads.all() else heads.to(dream.bias)[:, None, None] * dream.bias[:, None]
-    if not dream.reference and dream.attentions is None:
-        # the same sum as below, inside torch's kernel: mask and bias as one float mask (the fused
-        # kernels add it to fp32 logits and keep no [T, S] probabilities for the backward)
-        mask = (torch.where(attention_mask, bias, torch.finfo(query.dtype).min)
-                if attention_mask.dtype == torch.bool else attention_mask + bias)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.dtype),
-                                             dropout_p=dropout if module.training else 0.0,
-                                             scale=scaling, enable_gqa=True)
+    if attention_mask.dtype != torch.bool:  # an additive 0 / -inf mask: the columns it allows
+        attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    selected = (selected if selected is not None else torch.zeros(H)).to(query.device).bool()
+    if sb.hide:  # the other heads' query and target rows see no document: [B, H, T, S]
+        attention_mask = attention_mask & ~(sb.in_doc.any(1)[:, None, None] & ~selected[:, None, None])
+    if not selected.any():  # only hidden documents here: a plain (boolean) mask
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                             dropout_p=dropout if module.training else 0.0, enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
-    # the reference, by hand. at least fp32 from here, autocast off: in bf16 a bias of 0.05
-    # would be lost on a logit of 10
+    sb.reached += 1
+    if sb.injection == "scale":  # the same bias in every row, in the selected heads only
+        bias = sb.scale_bias()
+        bias = bias if selected.all() else torch.where(selected[:, None, None], bias, 0.0)
+        if not sb.reference and sb.attentions is None:
+            # the same sum as below, inside torch's kernel: mask and bias as one float mask (the fused
+            # kernels add it to fp32 logits and keep no [T, S] probabilities for the backward)
+            mask = torch.where(attention_mask, bias, torch.finfo(query.dtype).min)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.dtype),
+                                                 dropout_p=dropout if module.training else 0.0,
+                                                 scale=scaling, enable_gqa=True)
+            return out.transpose(1, 2).contiguous(), None
+    # by hand (and always for "set", whose bias needs the logits). at least fp32 from here,
+    # autocast off: in bf16 a bias of 0.05 would be lost on a logit of 10
     dtype = torch.promote_types(query.dtype, torch.float32)
     with torch.autocast(query.device.type, enabled=False):
         # grouped-query attention: each key/value head serves H / H_kv query heads
-        key = repeat_kv(key, query.shape[1] // key.shape[1]).to(dtype)
-        value = repeat_kv(value, query.shape[1] // value.shape[1])
+        key = repeat_kv(key, H // key.shape[1]).to(dtype)
+        value = repeat_kv(value, H // value.shape[1])
         logits = (query.to(dtype) @ key.transpose(-1, -2)) * scaling                  # [B, H, T, S]
-        if attention_mask.dtype == torch.bool:  # finite fill: a fully masked row must not give NaN
-            logits = logits.masked_fill(~attention_mask, torch.finfo(dtype).min)
-        else:
-            logits = logits + attention_mask
+        # finite fill: a fully masked row must not give NaN
+        logits = logits.masked_fill(~attention_mask, torch.finfo(dtype).min)
+        if sb.injection == "set":
+            bias = torch.where(selected[:, None, None], sb.set_bias(logits), 0.0)
         probs = (logits + bias.to(dtype)).softmax(dim=-1).to(value.dtype)
         probs = F.dropout(probs, p=dropout, training=module.training)
-        if dream.attentions is not None:
-            dream.attentions[module.layer_idx] = probs
+        if sb.attentions is not None:
+            sb.attentions[module.layer_idx] = probs
         out = probs @ value                                                            # [B, H, T, D]
     return out.transpose(1, 2).contiguous(), probs
 
@@ -259,12 +295,6 @@ def document_columns(spans, n):
     return (pos >= spans[..., 0:1]) & (pos < spans[..., 1:2])
 
 
-def doc_bias(scores, temperature):
-    """b_i = log softmax(s/tau)_i + log k: zero for equal scores, sums of exp(b) to k."""
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
-    return F.log_softmax(scores / temperature, dim=-1) + math.log(scores.shape[-1])
-
-
 class PrefixCache(DynamicCache):
     """The documents' keys and values. Once frozen, update() returns them with the new ones
     without storing anything, so the suffix pass can be replayed (gradient checkpointing)."""
@@ -291,18 +321,23 @@ def encode_prefix(lm, batch):
 
 
 def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_attentions=False,
-                   reference=False, prefix=None):
+                   reference=False, prefix=None, injection="scale", hide_documents=False):
     """Run the LM with the score bias; return its output with logits only where a target token
     is predicted (a flat [N, V] tensor, row order = batch order), not over the documents.
+    injection: "scale" (b_i = log p_i + log k) or "set" (document i gets p_i of the document mass).
+    hide_documents: the query and target rows of every unselected head see no document, so the
+    documents reach the prediction only through the selected heads.
     output_attentions: out.attentions = {layer: [B, H, N, P + N] probabilities} of the biased
     layers; rows: the N suffix positions (query and target); columns: the P prefix positions
     (the documents; a shorter example's own suffix there is masked out), then the N suffix ones.
     reference: biased layers use the hand-written attention instead of torch's SDPA kernel with
-    the bias as its float mask (the same numbers, slower; output_attentions implies it).
+    the bias as its float mask (the same numbers, slower; output_attentions and "set" imply it).
     prefix: encode_prefix(lm, batch), computed earlier (None: computed here)."""
     if lm.config._attn_implementation != "dream":
         raise ValueError("this LM has no score-biased attention: load it with load_frozen_lm() "
                          "or call prepare_lm(lm) first")
+    if injection not in ("scale", "set"):
+        raise ValueError(f"injection={injection!r}: choose 'scale' or 'set'")
     B, k = batch.spans.shape[:2]
     if scores.shape != (B, k):
         raise ValueError(f"scores has shape {tuple(scores.shape)}, the batch has {B} queries "
@@ -326,33 +361,33 @@ def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_atte
     labels = batch.labels.gather(1, where).masked_fill(~suffix_mask, -100)
     predicts_target = torch.zeros_like(suffix_mask)
     predicts_target[:, :-1] = labels[:, 1:] != -100
-    # the bias: b_i on the columns of document i, the same in every suffix row
-    in_doc = document_columns(batch.spans, P + N)                                # [B, k, P + N]
-    column = torch.where(in_doc, doc_bias(scores, temperature)[..., None], 0.0).sum(1)
-    bias = column[:, None, :].expand(B, N, P + N)                                # [B, N, P + N]
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
     masks = resolve_heads(lm, heads)  # on the CPU: a layer asks whether all its heads are biased
-    dream = DocBias(bias, masks, attentions={} if output_attentions else None, reference=reference)
+    sb = DocBias(F.log_softmax(scores / temperature, dim=-1), document_columns(batch.spans, P + N), masks,
+                 injection, hide_documents, attentions={} if output_attentions else None, reference=reference)
     out = lm(input_ids=batch.input_ids.gather(1, where), position_ids=where,
              attention_mask=torch.cat([prefix_mask, suffix_mask], 1).long(), cache=cache,
-             use_cache=False, dream=dream, logits_to_keep=predicts_target)  # read, not extended
-    if dream.reached < len(masks):
+             use_cache=False, score_bias=sb, logits_to_keep=predicts_target)  # read, not extended
+    if sb.reached < len(masks):
         raise RuntimeError(f"{type(lm).__name__} did not pass the bias to its attention layers "
-                           f"({dream.reached} of {len(masks)} reached): it does not forward "
+                           f"({sb.reached} of {len(masks)} reached): it does not forward "
                            "attention kwargs, so DREAM cannot bias it")
     out.logits = out.logits.reshape(-1, out.logits.shape[-1])
-    out.attentions = dream.attentions
+    out.attentions = sb.attentions
     return out
 
 
 def dream_loss(lm, batch, scores, heads="all", temperature=0.05, reduction="mean", reference=False,
-               prefix=None):
+               prefix=None, injection="scale", hide_documents=False):
     """Next-token cross-entropy on the targets, with the attention biased by the scores [B, k].
 
     reduction="mean": the mean over examples of each example's mean over its target tokens;
-    "none": that per-example loss, shape [B]. reference, prefix: see biased_forward."""
+    "none": that per-example loss, shape [B]. reference, prefix, injection, hide_documents: see
+    biased_forward."""
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction={reduction!r}: choose 'mean' or 'none'")
-    logits = biased_forward(lm, batch, scores, heads, temperature, reference=reference, prefix=prefix).logits
+    logits = biased_forward(lm, batch, scores, heads, temperature, reference=reference, prefix=prefix,
+                            injection=injection, hide_documents=hide_documents).logits
     targets = batch.labels[:, 1:]
     is_target = targets != -100
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))

@@ -31,6 +31,8 @@ from train import train_toy
 WORLD = ToyWorld(n_keys=8, n_values=8, k=3)
 TOK = WORLD.tokenizer
 V = len(TOK)
+# the injections dream.py implements, and the switch that hides the documents from the other heads
+READINGS = [{}, {"hide_documents": True}, {"injection": "set"}, {"injection": "set", "hide_documents": True}]
 
 
 def tiny_lm(kind, dtype=torch.float32, seed=0):
@@ -125,20 +127,94 @@ def test_bias_reweights_document_mass_by_softmax(kind):
 
 def test_equal_scores_give_zero_bias_and_bias_is_log_k_times_softmax():
     s = torch.tensor([[0.2, 0.2, 0.2, 0.2], [1.0, 0.0, -1.0, 0.5]])
-    b = dream.doc_bias(s, temperature=0.1)
+    one_column_each = torch.eye(4, dtype=torch.bool).expand(2, 4, 4)  # document i is column i
+    b = dream.DocBias(F.log_softmax(s / 0.1, -1), one_column_each, {}).scale_bias()[:, 0, 0]  # [2, 4]
     assert torch.equal(b[0], torch.zeros(4))
     assert torch.allclose(b[1].exp(), 4 * torch.softmax(s[1] / 0.1, dim=-1))
+
+
+def document_masses(probs, spans):
+    """[B, H, N, k]: each suffix row's attention mass on each document (probs [B, H, N, P + N])."""
+    in_doc = dream.document_columns(spans, probs.shape[-1]).to(probs)
+    return torch.einsum("bhns,bks->bhnk", probs, in_doc)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("hide", [False, True])
+def test_set_gives_each_document_its_softmax_share_of_the_unbiased_mass(kind, hide):
+    # selected heads in layer 0, whose input the bias cannot reach: the unbiased logits are the same
+    lm = dream.prepare_lm(tiny_lm(kind))
+    batch = dream.pack(TOK, *toy_batch())  # padded
+    selected, tau = [1, 3], 0.3  # llama: heads 1 and 3 share no key/value head with each other
+    scores = torch.tensor([[0.9, -0.2, 0.4], [0.1, 0.5, -0.7], [0.3, 0.3, 1.0]])
+    probs = lambda s, **kw: dream.biased_forward(lm, batch, s, heads=[(0, h) for h in selected], temperature=tau,
+                                                 output_attentions=True, **kw).attentions[0]
+    p0 = probs(torch.zeros(3, 3))  # scale at equal scores: the LM itself
+    p1 = probs(scores, injection="set", hide_documents=hide)
+    n_rows = batch.attention_mask.sum(1) - batch.spans[:, -1, 1]
+    real = torch.arange(p0.shape[2]) < n_rows[:, None]  # [B, N]: rows of real suffix tokens
+    m0, m1 = document_masses(p0, batch.spans), document_masses(p1, batch.spans)  # [B, H, N, k]
+    want = torch.softmax(scores / tau, -1)[:, None, :].expand(3, int(real.sum(1).max()), 3)
+    for h in selected:
+        got = m1[:, h] / m0[:, h].sum(-1, keepdim=True)        # share of the unbiased document mass
+        assert (got - want[:, :got.shape[1]])[real].abs().max() <= 1e-5
+        assert (m1[:, h].sum(-1) - m0[:, h].sum(-1))[real].abs().max() <= 1e-5  # the total is kept
+        for b in range(3):  # inside a document, its own distribution over its tokens
+            for i, (start, end) in enumerate(batch.spans[b].tolist()):
+                inside = lambda p, m: p[b, h, :n_rows[b], start:end] / m[b, h, :n_rows[b], i, None]
+                assert (inside(p1, m1) - inside(p0, m0)).abs().max() <= 1e-5
+        outside = ~dream.document_columns(batch.spans, p0.shape[-1]).any(1)  # [B, S]: other columns keep theirs
+        assert ((p1[:, h] - p0[:, h]) * outside[:, None]).abs()[real].max() <= 1e-6
+    others = [h for h in range(4) if h not in selected]
+    if hide:  # the other heads see no document, and spread their mass over the rest
+        assert m1[:, others][real[:, None].expand(3, len(others), -1)].abs().max() == 0
+        assert (p1[:, others] > 0).any()
+    else:
+        assert torch.allclose(p1[:, others], p0[:, others], atol=1e-6)  # unselected heads untouched
+    assert torch.allclose(p1.sum(-1), torch.ones(p1.shape[:-1]), atol=1e-5)  # rows sum to 1
+
+
+def test_set_at_equal_scores_gives_every_document_the_same_share():
+    lm = dream.prepare_lm(tiny_lm("llama"))
+    batch = dream.pack(TOK, *toy_batch())
+    p = dream.biased_forward(lm, batch, torch.zeros(3, 3), heads="0-1", injection="set",
+                             output_attentions=True).attentions[0]
+    m = document_masses(p, batch.spans)[:, 1]  # [B, N, k]
+    assert torch.allclose(m, m.mean(-1, keepdim=True).expand_as(m), atol=1e-6)
+    plain = dream.biased_forward(lm, batch, torch.zeros(3, 3), heads="0-1", output_attentions=True).attentions[0]
+    assert not torch.allclose(document_masses(plain, batch.spans)[:, 1], m, atol=1e-3)  # not the LM itself
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_hidden_documents_reach_the_output_through_the_selected_heads_alone(kind):
+    lm = dream.prepare_lm(tiny_lm(kind))
+    batch = dream.pack(TOK, *toy_batch())
+    scores = torch.tensor([[0.9, -0.2, 0.4], [0.1, 0.5, -0.7], [0.3, 0.3, 1.0]])
+    docs = dream.document_columns(batch.spans, int(batch.spans[:, -1, 1].max())).any(1)  # [B, P]
+
+    def logits(hide, noisy_layer):
+        prefix = dream.encode_prefix(lm, batch)
+        layer = prefix.layers[noisy_layer]  # change what the documents' tokens carry in one layer
+        layer.values += 10 * torch.randn_like(layer.values) * docs[:, None, :, None]
+        return dream.biased_forward(lm, batch, scores, heads="0-1", hide_documents=hide, prefix=prefix).logits
+
+    # layer 1 has no selected head: with the documents hidden nothing there reads them
+    assert (logits(True, 1) - logits(True, 1)).abs().max() <= 1e-5
+    assert (logits(False, 1) - logits(False, 1)).abs().max() > 1e-3  # the same noise shows when they are seen
+    assert (logits(True, 0) - logits(True, 0)).abs().max() > 1e-3  # layer 0's selected head still reads them
 
 
 # -----------------------------------------------------------------------------
 # gradients: none into the LM, all of it into the retriever
 
 
-def test_gradients_reach_the_retriever_and_not_the_lm(tmp_path):
+@pytest.mark.parametrize("reading", READINGS)
+def test_gradients_reach_the_retriever_and_not_the_lm(tmp_path, reading):
     lm = dream.prepare_lm(tiny_lm("llama"))
     retriever = WORLD.fresh_retriever(tmp_path)
     queries, docs, targets = toy_batch()
-    loss = dream.dream_loss(lm, dream.pack(TOK, queries, docs, targets), dream.score(retriever, queries, docs))
+    loss = dream.dream_loss(lm, dream.pack(TOK, queries, docs, targets), dream.score(retriever, queries, docs),
+                            heads="1-2,0-1", **reading)
     loss.backward()
     assert all(p.grad is None for p in lm.parameters())
     for name, p in retriever.named_parameters():
@@ -149,25 +225,27 @@ def test_gradients_reach_the_retriever_and_not_the_lm(tmp_path):
         assert p.grad.abs().sum() > 0, name
 
 
-def loss_of_scores(kind):
+def loss_of_scores(kind, **kwargs):
     lm = dream.prepare_lm(tiny_lm(kind, dtype=torch.float64))
     batch = dream.pack(TOK, *toy_batch())
     scores = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    f = lambda s: dream.dream_loss(lm, batch, s, temperature=0.5)
+    f = lambda s: dream.dream_loss(lm, batch, s, temperature=0.5, **kwargs)
     (grad,) = torch.autograd.grad(f(scores.requires_grad_(True)), scores)
     assert grad.abs().max() > 1e-2  # the checks below are not vacuous
     return f, scores, grad
 
 
-def test_gradcheck_loss_wrt_scores():
-    f, scores, _ = loss_of_scores("gpt2")
+@pytest.mark.parametrize("reading", READINGS)
+def test_gradcheck_loss_wrt_scores(reading):
+    f, scores, _ = loss_of_scores("gpt2", **reading)
     assert torch.autograd.gradcheck(f, (scores,), eps=1e-6, atol=1e-7, rtol=1e-4)
 
 
-def test_finite_differences_loss_wrt_scores_rope_gqa():
+@pytest.mark.parametrize("reading", READINGS)
+def test_finite_differences_loss_wrt_scores_rope_gqa(reading):
     """Llama's RMSNorm computes in fp32 even in a float64 model, which makes gradcheck's 1e-6 steps
     noise; central differences with a larger step check the RoPE + GQA path instead."""
-    f, scores, grad = loss_of_scores("llama")
+    f, scores, grad = loss_of_scores("llama", heads="1-2,0-1", **reading)
     eps = 1e-2
     for i in range(3):
         for j in range(3):
@@ -844,9 +922,9 @@ def test_pack_starts_with_an_unbiased_bos_token():
 def test_attention_softcapping_is_refused():
     lm = dream.prepare_lm(tiny_lm("llama"))
     q = k = v = torch.randn(1, 4, 3, 8)
-    bias = dream.DocBias(torch.zeros(1, 3, 3), {0: torch.ones(4)})
+    bias = dream.DocBias(torch.zeros(1, 2), torch.zeros(1, 2, 3, dtype=torch.bool), {0: torch.ones(4)})
     with pytest.raises(NotImplementedError, match="softcapping"):
-        dream.dream_attention(lm.model.layers[0].self_attn, q, k, v, None, dream=bias, softcap=30.0)
+        dream.dream_attention(lm.model.layers[0].self_attn, q, k, v, None, score_bias=bias, softcap=30.0)
 
 
 def test_resume_refuses_other_settings(tmp_path):
@@ -891,11 +969,12 @@ def loss_and_grad(lm, batch, heads, **kwargs):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("heads", ["all", "1-2,0-1"])
-def test_sdpa_float_mask_path_equals_the_hand_written_reference(kind, heads):
+@pytest.mark.parametrize("hide", [False, True])
+def test_sdpa_float_mask_path_equals_the_hand_written_reference(kind, heads, hide):
     lm = dream.prepare_lm(tiny_lm(kind))
     batch = dream.pack(TOK, *toy_batch())  # padded
-    fast, grad_fast = loss_and_grad(lm, batch, heads, reference=False)
-    ref, grad_ref = loss_and_grad(lm, batch, heads, reference=True)
+    fast, grad_fast = loss_and_grad(lm, batch, heads, reference=False, hide_documents=hide)
+    ref, grad_ref = loss_and_grad(lm, batch, heads, reference=True, hide_documents=hide)
     assert grad_ref.abs().max() > 1e-3  # the comparison below is not vacuous
     assert abs(fast - ref) <= 1e-5 and (grad_fast - grad_ref).abs().max() <= 1e-5
 

@@ -92,6 +92,8 @@ class Config:
     loss: str = "dream"         # dream; or the baselines replug (REPLUG-LSR) and infonce (gold labels)
     heads: str = "auto"         # biased heads: auto (ranked, QRHead; dev's choice), all, random, a layer slice,
                                 # "layer-head,..." pairs, or a file holding them
+    injection: str = "scale"    # dream: scale (bias log p_i + log k) or set (document i gets p_i of the documents' mass)
+    hide_documents: bool = False  # dream: the unselected heads' query and target rows see no document
     head_count: int = 16        # heads auto and random: how many
     head_source: str = "loo"    # heads auto: the useful document by leave-one-out (no labels), or the gold one
     detection_questions: int = 64  # heads auto: training questions the heads are ranked on
@@ -295,12 +297,13 @@ def step_loss(cfg, lm, tok, model, questions, passages, doc_ids, idx, device):
         batch = lm_batch(tok, questions, doc_ids, idx, cfg).to(device)
         keys = [(tuple(questions[i]["candidates"]), cfg.max_doc_tokens) for i in idx]  # the prefix is the documents
         prefix = PREFIXES(lm, batch, keys, cfg.prefix_cache_gb)
+        reading = {"injection": cfg.injection, "hide_documents": cfg.hide_documents}
         if cfg.normalize == "none":
-            return dream.dream_loss(lm, batch, scores, cfg.heads, cfg.temperature, prefix=prefix), tops
+            return dream.dream_loss(lm, batch, scores, cfg.heads, cfg.temperature, prefix=prefix, **reading), tops
         # each question's gradient on its own k scores, scaled to unit length: the value is the
         # DREAM loss, the gradient that of sum_b <s_b, g_b / |g_b|> / B
         s = scores.detach().requires_grad_()
-        loss = dream.dream_loss(lm, batch, s, cfg.heads, cfg.temperature, prefix=prefix)
+        loss = dream.dream_loss(lm, batch, s, cfg.heads, cfg.temperature, prefix=prefix, **reading)
         g = F.normalize(torch.autograd.grad(loss * len(idx), s)[0], dim=1)  # x / max(|x|, 1e-12)
         surrogate = (scores * g).sum() / len(idx)
         return surrogate - surrogate.detach() + loss.detach(), tops
@@ -381,7 +384,8 @@ def validation(lm, tok, retriever, questions, passages, doc_ids, cfg, autocast, 
         with autocast:
             scores = dream.score(retriever, q, d)
             losses = dream.dream_loss(lm, lm_batch(tok, questions, doc_ids, idx, cfg).to(device), scores,
-                                      cfg.heads, cfg.temperature, reduction="none")
+                                      cfg.heads, cfg.temperature, reduction="none", injection=cfg.injection,
+                                      hide_documents=cfg.hide_documents)
         sums[:2] += torch.tensor([losses.sum().item(), len(idx)])
         for row, j in zip(scores.argmax(-1).tolist(), idx):
             if questions[j]["gold"] in questions[j]["candidates"]:
@@ -426,6 +430,7 @@ def train(cfg, log=tqdm.write):
                          f"process (--batch-size {cfg.batch_size}, {world} processes): raise --batch-size")
     for flag, value, allowed in (("dtype", cfg.dtype, ("auto", "bf16", "fp32")),
                                  ("loss", cfg.loss, ("dream", "replug", "infonce")),
+                                 ("injection", cfg.injection, ("scale", "set")),
                                  ("normalize", cfg.normalize, ("none", "question"))):
         if value not in allowed:
             raise ValueError(f"--{flag} {value!r}: choose {', '.join(allowed)}")
