@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 import dream
 from data import beir_sets, load_data
 from eval import encode, evaluate_beir, evaluate_questions, ids_and_texts, load_beir, paired_bootstrap
-from train import (Config, add_config_flags, choose_heads, examples, lm_batch, load_lm, nll_per_document,
-                   resolve_models, settings, train)
+from train import (Config, add_config_flags, choose_heads, code_version, examples, lm_batch, load_lm,
+                   nll_per_document, resolve_models, settings, train)
 
 # -----------------------------------------------------------------------------
 # the grid on QA dev, the report on QA test and BEIR with paired bootstrap intervals
@@ -43,28 +43,40 @@ METHODS = {"DREAM": "dream", "REPLUG-LSR": "replug", "InfoNCE (gold labels)": "i
 HEADS = {"all": {"heads": "all"},  # --grid-heads: the heads DREAM biases; any other value is a --heads value
          "loo": {"heads": "auto", "head_source": "loo"},  # head_count heads ranked without labels
          "gold": {"heads": "auto", "head_source": "gold"}}  # ranked on detection_questions gold-labelled questions
+READINGS = {"scale": {"injection": "scale", "hide_documents": False},  # --grid-injection: DREAM's readings,
+            "set": {"injection": "set", "hide_documents": False},     # each reported as a method of its own
+            "scale+hide": {"injection": "scale", "hide_documents": True},
+            "set+hide": {"injection": "set", "hide_documents": True}}
 ABLATIONS = {"random_heads": ("DREAM, 16 random heads", {"heads": "random"}),
              "normalize": ("DREAM, question-normalised gradient", {"normalize": "question"}),
              "k": ("DREAM, k 8", {"k": 8})}
 
 
 def compare(cfg, grid_lr="3e-5,1e-4,3e-4", grid_temperature="0.05,0.2", seeds=2, ablations=(), rebuild=False,
-            grid_heads="all,loo,gold", methods=tuple(METHODS.values()), log=print):
+            grid_heads="all,loo,gold", methods=tuple(METHODS.values()), grid_injection="scale", reuse_older=False,
+            log=print):
     """The grid (grid_lr; grid_temperature for DREAM and REPLUG-LSR; grid_heads for DREAM) for
-    every method named in `methods`; each method's settings are the ones with the best dev score:
+    every method named in `methods`, DREAM once for each reading in grid_injection (keys of
+    READINGS; "DREAM" is scale, "DREAM (set)" another); each method's settings are the ones with the best dev score:
     the mean nDCG@10 of QA dev and of every BEIR folder's dev queries (SciFact's train queries), or
     QA dev alone without them. Those settings with `seeds` seeds (InfoNCE one), the start encoder
     and BM25 on QA test and the BEIR test sets; the ablations named (keys of ABLATIONS) at DREAM's
     best, on QA dev. Writes compare.md, compare.json, health.png and loss.png under cfg.out_dir. A
-    finished run whose settings match is reused; rebuild: every run must be there, none is trained."""
+    finished run whose settings match is reused if the same dream.py trained it (reuse_older: any
+    dream.py, with a warning); rebuild: every run must be there, none is trained."""
     unknown = set(ablations) - set(ABLATIONS)
     if unknown:
         raise ValueError(f"--ablations {','.join(sorted(unknown))}: choose from {','.join(ABLATIONS)}")
     if not methods or set(methods) - set(METHODS.values()) or ablations and "dream" not in methods:
         raise ValueError(f"--methods {','.join(methods)}: choose from dream, replug, infonce (dream, for --ablations)")
-    methods = {name: loss for name, loss in METHODS.items() if loss in methods}
+    readings = grid_injection.split(",")
+    if not readings or set(readings) - set(READINGS):
+        raise ValueError(f"--grid-injection {grid_injection}: choose from {','.join(READINGS)}")
+    # (name, loss, reading, folder suffix): DREAM once for each reading
+    methods = [(name if r == "scale" else f"{name} ({r})", loss, r, "" if r == "scale" else "_" + r.replace("+", "-"))
+               for name, loss in METHODS.items() if loss in methods for r in (readings if loss == "dream" else ["scale"])]
     os.makedirs(cfg.out_dir, exist_ok=True)
-    runs = {}
+    runs, today = {}, code_version()["dream_sha256"]
 
     def run(folder, **changes):
         c = dataclasses.replace(cfg, out_dir=os.path.join(cfg.out_dir, folder), evaluate_before=False,
@@ -73,13 +85,19 @@ def compare(cfg, grid_lr="3e-5,1e-4,3e-4", grid_temperature="0.05,0.2", seeds=2,
         if os.path.exists(path):
             with open(path) as f:
                 report = json.load(f)
-            if settings(report["config"]) == dataclasses.asdict(c):
-                log(f"{folder}: reusing {path}")
+            code = report.get("code", {})
+            older = code.get("dream_sha256") != today  # numbers another dream.py gave
+            if settings(report["config"]) == dataclasses.asdict(c) and (reuse_older or not older):
+                log(f"{folder}: reusing {path}" + (f" (WARNING: trained by another dream.py, commit "
+                                                   f"{code.get('commit')})" if older else ""))
                 runs[folder] = report
                 return report
+            if settings(report["config"]) == dataclasses.asdict(c):
+                log(f"{folder}: {path} was trained by another dream.py (commit {code.get('commit')}): "
+                    "training it again (--reuse-older keeps it)")
         if rebuild:
-            raise SystemExit(f"--rebuild: {path} is missing or was trained with other settings; "
-                             "run without --rebuild to train it")
+            raise SystemExit(f"--rebuild: {path} is missing, was trained with other settings or by another "
+                             "dream.py (--reuse-older takes it all the same); run without --rebuild to train it")
         log(f"--- {folder}")
         runs[folder] = train(c, log)[1]
         return runs[folder]
@@ -109,28 +127,30 @@ def compare(cfg, grid_lr="3e-5,1e-4,3e-4", grid_temperature="0.05,0.2", seeds=2,
     taus = [float(x) for x in grid_temperature.split(",")]
     run("start", steps=0, eval_data="none", heads="all")  # heads: only DREAM's runs use them
     grid, best = {}, {}
-    for name, loss in methods.items():
+    for name, loss, reading, suffix in methods:
         for lr in lrs:
             for tau in (taus if loss != "infonce" else [cfg.temperature]):
                 for heads in (grid_heads.split(",") if loss == "dream" else ["all"]):
-                    folder = f"grid/{loss}_lr{lr:g}_tau{tau:g}" + (f"_heads-{heads}" if loss == "dream" and heads != "all" else "")
-                    run(folder, loss=loss, lr=lr, temperature=tau, eval_data="none", **HEADS.get(heads, {"heads": heads}))
+                    folder = f"grid/{loss}{suffix}_lr{lr:g}_tau{tau:g}" + (f"_heads-{heads}" if loss == "dream" and heads != "all" else "")
+                    run(folder, loss=loss, lr=lr, temperature=tau, eval_data="none", **HEADS.get(heads, {"heads": heads}),
+                        **READINGS[reading])
                     grid[folder] = (name, lr, tau, heads, scored(folder))
         best[name] = max((r["dev_score"], f) for f, (n, *_, r) in grid.items() if n == name)[1]
 
     final = {"start encoder": [scored("start")]}
-    for name, loss in methods.items():
+    for name, loss, reading, suffix in methods:
         _, lr, tau, heads, _ = grid[best[name]]
         final[name] = [grid[best[name]][-1]] + [
-            run(f"final/{loss}_seed{cfg.seed + i}", loss=loss, lr=lr, temperature=tau, seed=cfg.seed + i,
-                **HEADS.get(heads, {"heads": heads}))
+            run(f"final/{loss}{suffix}_seed{cfg.seed + i}", loss=loss, lr=lr, temperature=tau, seed=cfg.seed + i,
+                **HEADS.get(heads, {"heads": heads}), **READINGS[reading])
             for i in range(1, seeds if loss != "infonce" else 1)]
     final["BM25"] = [bm25_report(cfg, log)]
     ablation_rows = {}
-    if ablations:
-        _, lr, tau, heads, _ = grid[best["DREAM"]]
-        ablation_rows = {ABLATIONS[a][0]: run(f"ablation/{a}", lr=lr, temperature=tau, eval_data="none",
-                                              **{**HEADS.get(heads, {"heads": heads}), **ABLATIONS[a][1]})
+    if ablations:  # at the first reading's best
+        name, _, reading, suffix = next(m for m in methods if m[1] == "dream")
+        _, lr, tau, heads, _ = grid[best[name]]
+        ablation_rows = {ABLATIONS[a][0]: run(f"ablation/{a}{suffix}", lr=lr, temperature=tau, eval_data="none",
+                                              **{**HEADS.get(heads, {"heads": heads}), **READINGS[reading], **ABLATIONS[a][1]})
                          for a in ablations}
     text = report_tables(cfg, grid, best, final, ablation_rows, dev_sets)
     with open(os.path.join(cfg.out_dir, "compare.md"), "w") as f:
@@ -138,6 +158,7 @@ def compare(cfg, grid_lr="3e-5,1e-4,3e-4", grid_temperature="0.05,0.2", seeds=2,
     with open(os.path.join(cfg.out_dir, "compare.json"), "w") as f:
         json.dump({"best": best, "dev_sets": dev_sets,
                    "grid": {f: {"method": n, "lr": lr, "temperature": t, "heads": h, "chosen_heads": r.get("heads"),
+                                "code": r.get("code"),
                                 "dev_score": r["dev_score"], "qa": r["after"]["qa"], "beir": r["after"]["beir"],
                                 "health": r.get("health")} for f, (n, lr, t, h, r) in grid.items()},
                    "final": {n: [{k: v for k, v in r.items() if k not in ("loss", "gold_top1_by_step")} for r in rs]
@@ -180,7 +201,8 @@ def seed_mean(reports):
 
 def report_tables(cfg, grid, best, final, ablation_rows, dev_sets=()):
     """compare.md: the grid on dev, then QA test and BEIR test with paired bootstrap 95% intervals
-    of each method's difference to the start encoder and to REPLUG-LSR (its seeds averaged per query)."""
+    of each method's difference to the start encoder, to REPLUG-LSR and, where other readings ran, to
+    DREAM (their seeds averaged per query)."""
     chosen_on = " and ".join(["QA dev"] + list(dev_sets))
     lines = [f"## The grid (nDCG@10 on dev; each method's best dev score, the mean of {chosen_on}, in bold, is "
              "the one reported)", "",
@@ -191,18 +213,21 @@ def report_tables(cfg, grid, best, final, ablation_rows, dev_sets=()):
         dev = r["after"]["qa"]["dev"]
         value = f"**{r['dev_score']:.4f}**" if best[name] == folder else f"{r['dev_score']:.4f}"
         health = " ".join(f"{v:.3f}" for _, v in r.get("health", []))
-        lines.append(f"| {name} | {lr:g} | {tau:g} | {heads if name == 'DREAM' else ''} | {dev['ndcg@10']:.4f} | " +
+        lines.append(f"| {name} | {lr:g} | {tau:g} | {heads if name.startswith('DREAM') else ''} | {dev['ndcg@10']:.4f} | " +
                      "".join(f"{r['after']['beir'][n]['ndcg@10']:.4f} | " for n in dev_sets) +
                      f"{value} | {dev['recall@100']:.4f} | {health} | {r.get('seconds_per_step', 0):.2f} |")
     sets = ["test"] + [n for n in final["start encoder"][0]["after"]["beir"] if n not in dev_sets]
     base = seed_mean(final["start encoder"])
-    replug = seed_mean(final["REPLUG-LSR"]) if "REPLUG-LSR" in final else None
+    # every row against the start encoder and, for nDCG@10, REPLUG-LSR and (with other readings) DREAM
+    versus = [n for n in ("REPLUG-LSR", "DREAM") if n in final and (n == "REPLUG-LSR" or
+                                                                   any(m.startswith("DREAM (") for m in final))]
+    means = {n: seed_mean(final[n]) for n in versus}
     for s in sets:
         label = "QA test" if s == "test" else s
         lines += ["", f"## {label} ({len(base[s]['ndcg@10'])} queries): mean and, in brackets, the paired "
                   "bootstrap 95% interval of the difference", "",
-                  "| method | seed | nDCG@10 | vs start encoder | vs REPLUG-LSR | R@100 | vs start encoder |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| method | seed | nDCG@10 | vs start encoder | " + "".join(f"vs {n} | " for n in versus) +
+                  "R@100 | vs start encoder |", "|---|---|---|---|" + "---|" * len(versus) + "---|---|"]
         for name, reports in final.items():
             rows = [(str(r["config"]["seed"]) if name != "BM25" else "", r["after"]["per_query"]) for r in reports]
             if len(reports) > 1:
@@ -212,12 +237,10 @@ def report_tables(cfg, grid, best, final, ablation_rows, dev_sets=()):
                 for m in ("ndcg@10", "recall@100"):
                     values = per_query[s][m]
                     cells.append(f"{sum(values.values()) / len(values):.4f}")
-                    others = [base] + ([replug] if m == "ndcg@10" and replug else [])
-                    for other, itself in zip(others, ["start encoder", "REPLUG-LSR"]):
-                        d = None if name == itself else paired_bootstrap(values, other[s][m], seed=0)
+                    for other in ["start encoder"] + (versus if m == "ndcg@10" else []):
+                        d = None if name == other else paired_bootstrap(
+                            values, (base if other == "start encoder" else means[other])[s][m], seed=0)
                         cells.append("" if d is None else f"{d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]")
-                    if m == "ndcg@10" and not replug:
-                        cells.append("")  # no REPLUG-LSR run to compare with
                 lines.append("| " + " | ".join(cells) + " |")
     if ablation_rows:
         lines += ["", "## Ablations at DREAM's best settings (QA dev)", "", "| run | QA dev nDCG@10 | QA dev R@100 |",
@@ -234,13 +257,13 @@ def plot(grid, final, out_dir):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    methods = [name for name in METHODS if name in final]
+    methods = [name for name in final if name not in ("start encoder", "BM25")]
     fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 3.6), squeeze=False)
     for ax, name in zip(axes[0], methods):
         for folder, (n, lr, tau, heads, r) in grid.items():
             if n == name and r.get("health"):
                 ax.plot(*zip(*r["health"]), marker="o",
-                        label=f"lr {lr:g}, tau {tau:g}" + (f", heads {heads}" if name == "DREAM" else ""))
+                        label=f"lr {lr:g}, tau {tau:g}" + (f", heads {heads}" if name.startswith("DREAM") else ""))
         ax.set(title=f"{name}: health", xlabel="step", ylabel="QA dev nDCG@10 (small pool)")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -291,6 +314,10 @@ def runs_table(folders):
                 d = None if other is per_query else paired_bootstrap(values, other[s]["ndcg@10"], seed=0)
                 cells.append("" if d is None else f"{d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]")
             lines.append("| " + " | ".join(cells) + " |")
+    code = {folder: r.get("code", {}).get("dream_sha256") for folder, r in reports.items()}
+    if len(set(code.values())) > 1 or None in code.values():  # said, not hidden: numbers of other code
+        lines += ["", "Trained by different dream.py versions (sha256 prefix; none: not recorded): " +
+                  ", ".join(f"{folder} {sha}" for folder, sha in code.items())]
     return "\n".join(lines[1:]) + "\n"
 
 
@@ -457,6 +484,10 @@ def main():
                         "questions; or any --heads value")
     parser.add_argument("--methods", default=",".join(METHODS.values()), help="the methods to run (dream, replug, "
                         "infonce)")
+    parser.add_argument("--grid-injection", default="scale", help=f"DREAM's readings, each a method of its own "
+                        f"({', '.join(READINGS)}; +hide: the documents hidden from the other heads)")
+    parser.add_argument("--reuse-older", action="store_true", help="reuse a finished run that another dream.py "
+                        "trained (with a warning) rather than train it again")
     parser.add_argument("--seeds", type=int, default=2, help="DREAM and REPLUG-LSR at their best, this many seeds")
     parser.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="",
                         help=f"these ablations at DREAM's best, or all of them ({','.join(ABLATIONS)})")
@@ -472,7 +503,7 @@ def main():
         signal_probe(cfg, args.probe_questions)
     else:
         compare(cfg, args.grid_lr, args.grid_temperature, args.seeds, [a for a in args.ablations.split(",") if a],
-                args.rebuild, args.grid_heads, args.methods.split(","))
+                args.rebuild, args.grid_heads, args.methods.split(","), args.grid_injection, args.reuse_older)
 
 
 if __name__ == "__main__":

@@ -1347,6 +1347,47 @@ def test_compare_runs_the_grid_chooses_on_dev_and_writes_intervals(tmp_path, mon
     assert "_heads-gold" in trained[1] and final["DREAM"][0]["heads"].count(",") == 2
 
 
+def test_compare_runs_each_reading_as_a_method_and_retrains_what_another_dream_py_trained(tmp_path, monkeypatch):
+    from train import Config
+    lm_dir, enc_dir = tmp_path / "lm", tmp_path / "enc"
+    tiny_lm("llama").save_pretrained(lm_dir)
+    TOK.save_pretrained(lm_dir)
+    WORLD.fresh_retriever(enc_dir)
+    cfg = Config(lm=str(lm_dir), encoder=str(enc_dir), train_data=tiny_squad(tmp_path), eval_data="none",
+                 out_dir=str(tmp_path / "cmp"), k=3, steps=2, batch_size=2, warmup_steps=1, dev_questions=10,
+                 test_questions=10, val_loss_questions=4, health_every=0, checkpoint_every=2, seed=0)
+    flags = dict(grid_lr="1e-3", grid_temperature="0.05", grid_heads="1:", seeds=1, methods=["dream", "replug"],
+                 grid_injection="scale,set+hide")
+    trained, logged = [], []
+    real_train = compare.train
+    monkeypatch.setattr(compare, "train", lambda c, log: trained.append(c) or real_train(c, log))
+    final = compare.compare(cfg, **flags, log=logged.append)
+    assert set(final) == {"start encoder", "DREAM", "DREAM (set+hide)", "REPLUG-LSR", "BM25"}
+    run = next(c for c in trained if "dream_set-hide_lr" in c.out_dir)
+    assert (run.injection, run.hide_documents, run.heads) == ("set", True, "1:")  # layer 0: hidden
+    assert all((c.injection, c.hide_documents) == ("scale", False) for c in trained if "set-hide" not in c.out_dir)
+    text = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| vs start encoder | vs REPLUG-LSR | vs DREAM |" in text
+    assert re.search(r"\| DREAM \(set\+hide\) \| 0 \|( [^|]+ \|){3} [+-]\d\.\d{4} \[", text)  # vs DREAM filled
+    path = tmp_path / "cmp" / "grid" / "dream_set-hide_lr0.001_tau0.05_heads-1:" / "report.json"
+    report = json.loads(path.read_text())
+    assert report["code"]["dream_sha256"] == compare.code_version()["dream_sha256"]
+    assert len(report["code"]["commit"] or "") in (0, 40)  # a git checkout gives its commit
+    # a run that another dream.py trained is trained again, or reused with a warning when asked
+    report["code"]["dream_sha256"] = "another"
+    path.write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match="by another dream.py .*--reuse-older"):
+        compare.compare(cfg, **flags, rebuild=True, log=lambda *_: None)
+    logged.clear()
+    compare.compare(cfg, **flags, reuse_older=True, log=logged.append)
+    assert any("reusing" in line and "WARNING: trained by another dream.py" in line for line in logged)
+    trained.clear()
+    compare.compare(cfg, **flags, log=logged.append)
+    assert [c.out_dir for c in trained] == [str(path.parent)]
+    with pytest.raises(ValueError, match="--grid-injection scale,half: choose from scale,set"):
+        compare.compare(cfg, **{**flags, "grid_injection": "scale,half"}, log=lambda *_: None)
+
+
 # -----------------------------------------------------------------------------
 # the signal probe, passages the LM reads whole, the prefix store, per-question normalisation
 
@@ -1606,6 +1647,14 @@ def test_a_tiny_corpus_trains_end_to_end_and_reports_dev_and_test_halves(tmp_pat
     zero = dataclasses.replace(replug, steps=0, out_dir=str(tmp_path / "zero"))
     train.train(zero, log=lambda *_: None)
     assert f"| start encoder | {start:.4f} |" in compare.runs_table([replug.out_dir, zero.out_dir])
+    assert "different dream.py" not in table  # one dream.py trained both; another is named
+    path = os.path.join(zero.out_dir, "report.json")
+    with open(path) as f:
+        saved = json.load(f)
+    saved["code"]["dream_sha256"] = "another"
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    assert f"{zero.out_dir} another" in compare.runs_table([replug.out_dir, zero.out_dir])
 
 
 def test_drift_measures_the_cosines_it_names(tmp_path):

@@ -17,12 +17,14 @@ research harness (the grid of settings, seeds, intervals, the signal probe) is c
 """
 import argparse
 import dataclasses
+import hashlib
 import importlib
 import importlib.util
 import json
 import math
 import os
 import random
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -399,6 +401,21 @@ def validation(lm, tok, retriever, questions, passages, doc_ids, cfg, autocast, 
 # training
 
 
+def code_version():
+    """What produced a run: the git commit of this code, whether the checkout had uncommitted
+    changes, and a hash of dream.py (compare.py reuses a saved run only under the same dream.py)."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                  capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    with open(dream.__file__, "rb") as f:
+        dream_sha = hashlib.sha256(f.read()).hexdigest()[:16]
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")), "dream_sha256": dream_sha}
+
+
 def save_checkpoint(path, state):
     """Atomic: a crash mid-write leaves the previous checkpoint as it was."""
     tmp = path + ".tmp"
@@ -481,7 +498,7 @@ def train(cfg, log=tqdm.write):
 
     opt = torch.optim.AdamW([p for p in retriever.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    start, report = 0, {"config": dataclasses.asdict(given), "heads": cfg.heads}
+    start, report = 0, {"config": dataclasses.asdict(given), "heads": cfg.heads, "code": code_version()}
     if cfg.resume:
         if not os.path.exists(ckpt_path):
             raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
