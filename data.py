@@ -49,7 +49,7 @@ def read_json_rows(path):
 
 def lm_tokens(tok):
     """text -> how many LM tokens it is."""
-    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+    return lambda text: len(dream.text_ids(tok, [text])[0])
 
 
 def read_corpus(path):
@@ -93,7 +93,7 @@ def load_questions(cfg, tok, log):
                              "of passages with a \"text\" field) to mine candidates from")
         passages = ids_and_texts(read_corpus(cfg.corpus))[1]
         # the retriever scores what the LM reads: a passage longer than max_doc_tokens is cut for both
-        ids = tok(passages, add_special_tokens=False)["input_ids"]
+        ids = dream.text_ids(tok, passages)
         passages = [tok.decode(t[:cfg.max_doc_tokens]) if len(t) > cfg.max_doc_tokens else p
                     for p, t in zip(passages, ids)]
         questions = [{"query": r["query"], "target": r["target"], "group": r.get("group", i), "gold": None}
@@ -214,7 +214,7 @@ def load_data(cfg, tok, log):
         add_candidates(train_qs + dev_qs + test_qs, passages, cfg.k, cfg.data_seed)
         log(f"{len(train_qs):,} training questions; held out (whole articles): {len(dev_qs)} dev, {len(test_qs)} test")
     used = sorted({j for q in train_qs + dev_qs + test_qs for j in q["candidates"]})
-    tokenized = tok([passages[j] for j in used], add_special_tokens=False)["input_ids"]  # once, not per step
+    tokenized = dream.text_ids(tok, [passages[j] for j in used])  # once, not per step, as pack reads them
     doc_ids = {j: ids[:cfg.max_doc_tokens] for j, ids in zip(used, tokenized)}
     golds = [q for q in train_qs if q["gold"] is not None and q["gold"] in q["candidates"]]
     if golds:  # the LM must be able to read the answer: its passage is never cut

@@ -35,14 +35,13 @@ cosines with grad. This is our reading of arXiv 2606.24667, whose equations are 
 Sections: 1 score-biased attention, 2 the frozen LM, 3 packing a batch, 4 the loss, 5 the retriever,
 6 finding the heads to bias (retrieval heads, as QRHead finds them).
 """
+import functools
 import math
 import os
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from sentence_transformers import SentenceTransformer
-from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 from tqdm.auto import tqdm
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -108,16 +107,20 @@ def dream_attention(module, query, key, value, attention_mask, scaling=None, dro
         return out.transpose(1, 2).contiguous(), None
     sb.reached += 1
     if sb.injection == "scale":  # the same bias in every row, in the selected heads only
-        bias = sb.scale_bias()
+        with torch.autocast(query.device.type, enabled=False):  # the bias in fp32
+            bias = sb.scale_bias()
         bias = bias if selected.all() else torch.where(selected[:, None, None], bias, 0.0)
         if not sb.reference and sb.attentions is None:
-            # the same sum as below, inside torch's kernel: mask and bias as one float mask (the fused
-            # kernels add it to fp32 logits and keep no [T, S] probabilities for the backward)
-            mask = torch.where(attention_mask, bias, torch.finfo(query.dtype).min)
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.dtype),
-                                                 dropout_p=dropout if module.training else 0.0,
-                                                 scale=scaling, enable_gqa=True)
-            return out.transpose(1, 2).contiguous(), None
+            # the same sum as below, inside torch's kernel: mask and bias as one float mask, in fp32
+            # (a bf16 mask would round the bias by up to 0.4%); the kernel keeps no [T, S]
+            # probabilities for the backward
+            mask = torch.where(attention_mask, bias, torch.finfo(torch.float32).min)
+            q, k, v = (x.float() for x in (query, key, value))
+            if query.device.type == "cuda":  # on CUDA, GQA with a float mask goes to the math kernel
+                k, v = repeat_kv(k, H // k.shape[1]), repeat_kv(v, H // v.shape[1])
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
+                                                 dropout_p=dropout if module.training else 0.0, enable_gqa=True)
+            return out.to(query.dtype).transpose(1, 2).contiguous(), None
     # by hand (and always for "set", whose bias needs the logits). at least fp32 from here,
     # autocast off: in bf16 a bias of 0.05 would be lost on a logit of 10
     dtype = torch.promote_types(query.dtype, torch.float32)
@@ -237,23 +240,62 @@ class Batch:
         return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
+def text_ids(tok, texts):
+    """The token ids of each text as it reads inside a sequence: no special tokens and, for a
+    tokenizer that puts a space before a text's first word (SentencePiece: Llama-2, Mistral), not
+    that space either: the text is read after an anchor (a newline, else ".") whose tokens are dropped
+    (where the anchor merges with the text, a leading token that is a space alone is dropped)."""
+    plain = lambda xs: tok(list(xs), add_special_tokens=False)["input_ids"]
+    anchors = leading_space_anchors(tok)
+    if not anchors:  # no such space (GPT-2, Qwen, Llama-3): the texts alone
+        return plain(texts)
+    out = [None] * len(texts)
+    for anchor, ids in anchors.items():  # an anchor that merges with the text's first token is no use
+        todo = [i for i, x in enumerate(out) if x is None]
+        for i, read in zip(todo, plain(anchor + texts[i] for i in todo) if todo else []):
+            out[i] = read[len(ids):] if read[:len(ids)] == ids else None
+    for i in (i for i, x in enumerate(out) if x is None):  # else the text alone, less a lone space token
+        ids = plain([texts[i]])[0]
+        out[i] = ids[1:] if ids and not tok.decode(ids[:1]).strip(" ") and not texts[i].startswith(" ") else ids
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def leading_space_anchors(tok):
+    """{anchor: its ids} if the tokenizer puts a space before a text's first word, else {}."""
+    anchors = {a: tok(a, add_special_tokens=False)["input_ids"] for a in ("\n", ".")}
+    spaced = tok("\na", add_special_tokens=False)["input_ids"][len(anchors["\n"]):] != \
+        tok("a", add_special_tokens=False)["input_ids"]
+    return anchors if spaced else {}
+
+
+def start_token(tok):
+    """An unbiased first token: most LMs park spare attention on position 0 (an "attention sink"),
+    and a bias there would scale that, not the attention to document 1. The tokenizer's own start
+    (BOS), else its EOS (Qwen2: no BOS; its documents are separated by <|endoftext|>), else PAD."""
+    start = tok("")["input_ids"] or [next((t for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+                                           if t is not None), None)]
+    if None in start:
+        raise ValueError(f"{type(tok).__name__} has no BOS, EOS or PAD token to start the sequence with: "
+                         "set tok.bos_token (a token the LM saw at the start of its texts)")
+    return start
+
+
 def pack(tok, queries, docs, targets, max_doc_tokens=128):
     """One LM batch from B queries, B lists of k documents and B targets (DREAM needs k >= 2).
 
-    A document is a string or its token ids (tokenized once, outside a training loop), cut to
-    max_doc_tokens tokens. Padding goes on the right, so a padded
-    example is computed exactly as it would be alone."""
+    A document is a string or its token ids (text_ids, once, outside a training loop), cut to
+    max_doc_tokens tokens. The sequence starts with start_token(tok), so document 1 is not on the
+    attention sink. Padding goes on the right, so a padded example is computed exactly as it
+    would be alone."""
     if not (len(queries) == len(docs) == len(targets)):
         raise ValueError(f"pack: got {len(queries)} queries, {len(docs)} document lists and "
                          f"{len(targets)} targets; they must be equally many")
     k = len(docs[0]) if docs else 0
     if k < 1:
         raise ValueError("pack: no documents; give each query its k candidates")
-    encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]
-    # an unbiased first token: most LMs park spare attention on position 0 (an "attention sink"),
-    # and a bias there would scale that, not the attention to document 1
-    start = tok("")["input_ids"] or ([tok.bos_token_id] if tok.bos_token_id is not None else [])
-    sep = encode(DOC_SEPARATOR)
+    encode = lambda text: text_ids(tok, [text])[0]
+    start, sep = start_token(tok), encode(DOC_SEPARATOR)
     rows, spans = [], []
     for b, (q, ds, y) in enumerate(zip(queries, docs, targets)):
         if len(ds) != k:
@@ -412,6 +454,9 @@ def load_retriever(name_or_path, pooling=None, lora=0, device=None, chat_templat
     then <|im_end|>); False: the text alone, ending with the tokenizer's EOS. --decoder trained
     faster with the template (RESULTS.md). lora > 0: LoRA adapters of that rank (peft) on every
     linear layer, the rest frozen."""
+    # imported here: sections 1-4 (the method) need torch and transformers alone
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     if pooling is None:
         retriever = SentenceTransformer(name_or_path, device=device)
     else:
@@ -460,7 +505,8 @@ def score(retriever, queries, docs):
         raise ValueError(f"score: {len(queries)} queries and document lists of {sorted({len(ds) for ds in docs})} "
                          "documents; give each query a list of the same k documents")
     d = embed(retriever, [text for ds in docs for text in ds]).view(len(docs), len(docs[0]), -1)
-    return torch.einsum("bd,bkd->bk", embed(retriever, queries), d)
+    with torch.autocast(d.device.type, enabled=False):  # fp32 cosines: bf16 would round s/tau by ~0.08
+        return torch.einsum("bd,bkd->bk", embed(retriever, queries), d)
 
 
 # -----------------------------------------------------------------------------

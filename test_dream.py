@@ -283,16 +283,16 @@ def test_pack_layout_spans_truncation_and_labels():
     batch = dream.pack(TOK, queries, docs, targets, max_doc_tokens=2)
     ids = batch.input_ids[1].tolist()
     word = TOK.convert_tokens_to_ids
-    # example 1: [k4] [k5 v5] [k6 v6] Question : q2 q3 q4 Answer : [v2 v3]
-    assert batch.spans[1].tolist() == [[0, 1], [1, 3], [3, 5]]
-    assert ids[:5] == word(["k4", "k5", "v5", "k6", "v6"])
+    # example 1: [PAD] [k4] [k5 v5] [k6 v6] Question : q2 q3 q4 Answer : [v2 v3] (no BOS or EOS: PAD starts it)
+    assert batch.spans[1].tolist() == [[1, 2], [2, 4], [4, 6]]
+    assert ids[:6] == word(["[PAD]", "k4", "k5", "v5", "k6", "v6"])
     # example 0: "k2 v2 v3 v4" is cut to its first two tokens
-    assert batch.spans[0].tolist() == [[0, 2], [2, 4], [4, 5]]
+    assert batch.spans[0].tolist() == [[1, 3], [3, 5], [5, 6]]
     labels = batch.labels[1]
     assert labels[labels != -100].tolist() == word(["v2", "v3"])
     assert ids[(labels != -100).nonzero()[0].item() - 2] == word("Answer")
     # right padding: the shorter examples end in pad tokens that are masked out
-    assert batch.attention_mask.sum(1).tolist() == [len(row) - (row == 0).sum().item()
+    assert batch.attention_mask.sum(1).tolist() == [len(row) - (row[1:] == 0).sum().item()  # the start is PAD too
                                                     for row in batch.input_ids]
     assert batch.attention_mask[0, -1] == 0
 
@@ -917,6 +917,124 @@ def test_pack_starts_with_an_unbiased_bos_token():
     batch = dream.pack(tok, *toy_batch())
     assert (batch.input_ids[:, 0] == tok.bos_token_id).all()
     assert (batch.spans[:, 0, 0] == 1).all()  # document 1 starts after it, outside every span
+
+
+def trained_tokenizer(kind):
+    """A small BPE tokenizer trained here: "qwen2" byte-level, no BOS, tok("") == [] (Qwen2's
+    layout); "sentencepiece" puts a space before every text's first word and adds <s> (Llama-2's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    text = ["Paris is the capital of France.\n\nQuestion: what is the capital?\nAnswer: Paris",
+            "The cat sat on the mat.\n\nBerlin is in Germany.\n\nQuestion: where is Berlin?\nAnswer: Germany"] * 20
+    if kind == "qwen2":
+        t = Tokenizer(models.BPE())
+        t.pre_tokenizer, t.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        t.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    t.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    t.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "sentencepiece"])
+def test_pack_layout_with_a_no_bos_and_a_prefix_space_tokenizer(kind):
+    tok = trained_tokenizer(kind)
+    docs = [["Paris is the capital of France.", "The cat sat on the mat."]]
+    batch = dream.pack(tok, ["what is the capital?"], docs, ["Paris"])
+    ids = batch.input_ids[0].tolist()
+    start = tok.eos_token_id if kind == "qwen2" else tok.bos_token_id  # Qwen2: no BOS, so its EOS
+    assert (tok("")["input_ids"] == []) == (kind == "qwen2")
+    assert ids[0] == start and batch.spans[0].tolist()[0][0] == 1  # document 1 is not on the sink
+    # after the start, the pieces read exactly as one text: no space token between them
+    want = "Paris is the capital of France.\n\nThe cat sat on the mat.\n\nQuestion: what is the capital?\nAnswer: Paris"
+    assert tok.decode(ids[1:]) == want
+    (s1, e1), (s2, e2) = batch.spans[0].tolist()
+    assert tok.decode(ids[s1:e1]) == docs[0][0] + "\n\n" and tok.decode(ids[s2:e2]) == docs[0][1] + "\n\n"
+    target = ids[(batch.labels[0] != -100).nonzero()[0].item():]
+    assert tok.decode(target).strip() == "Paris"
+    if kind == "sentencepiece":  # the text alone gets the spurious space; pack's pieces do not
+        assert tok.convert_ids_to_tokens(tok("\n\n", add_special_tokens=False)["input_ids"])[0] == "\u2581"
+        assert "\u2581" not in tok.convert_ids_to_tokens(ids[e1 - 2:e1])
+
+
+def test_pack_refuses_a_tokenizer_with_nothing_to_start_with():
+    tok = trained_tokenizer("qwen2")
+    tok.eos_token = tok.pad_token = None
+    with pytest.raises(ValueError, match="no BOS, EOS or PAD token.*set tok.bos_token"):
+        dream.pack(tok, ["q"], [["Paris", "cat"]], ["Paris"])
+
+
+def test_scores_centring_and_infonce_logits_stay_fp32_under_bf16_autocast(tmp_path):
+    import train
+    retriever = dream.load_retriever(tiny_encoder_folder(tmp_path))
+    queries, docs, _ = toy_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dream.score(retriever, queries, docs).dtype == torch.float32
+    e = F.normalize(torch.randn(12, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    model = lambda texts: e[:len(texts)]  # fixed fp32 embeddings: only the products differ
+    fp32 = train.centered_scores(model, queries, docs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        centred = train.centered_scores(model, queries, docs)
+    assert centred.dtype == torch.float32 and torch.equal(centred, fp32)
+    qs = [{"query": q, "gold": 0, "candidates": [0, 1, 2]} for q in queries]
+    cfg = train.Config(k=3, temperature=0.05)
+    loss = train.infonce_loss(cfg, model, qs, ["a", "b", "c"], [0, 1, 2])[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(train.infonce_loss(cfg, model, qs, ["a", "b", "c"], [0, 1, 2])[0], loss)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_the_bias_reaches_the_kernel_in_fp32_from_a_bf16_lm(kind, monkeypatch):
+    lm = dream.prepare_lm(tiny_lm(kind, dtype=torch.bfloat16))
+    batch = dream.pack(TOK, *toy_batch())
+    seen, real = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, attn_mask=None, **kw:
+                        seen.append((q.dtype, attn_mask.dtype)) or real(q, k, v, attn_mask=attn_mask, **kw))
+    scores = torch.tensor([[0.9, -0.2, 0.4], [0.1, 0.5, -0.7], [0.3, 0.3, 1.0]], requires_grad=True)
+    fast = dream.dream_loss(lm, batch, scores, heads="1:", temperature=0.3)
+    assert (torch.float32, torch.float32) in seen  # the biased layer: fp32 logits, an fp32 bias
+    ref = dream.dream_loss(lm, batch, scores, heads="1:", temperature=0.3, reference=True)
+    assert abs(fast.item() - ref.item()) <= 1e-3 * abs(ref.item())
+
+
+def test_checkpoints_keep_the_gpu_random_state_too(monkeypatch):
+    import train
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append(state.tolist()))
+    state = train.rng_state(cuda)
+    assert set(state) == {"cpu", "cuda"} and set(train.rng_state(cpu)) == {"cpu"}
+    torch.rand(3)
+    train.set_rng_state(state, cuda)
+    assert restored == [[7]] and torch.equal(torch.get_rng_state(), state["cpu"])
+    train.set_rng_state(state["cpu"], cpu)  # an older checkpoint's lone CPU state still resumes on a CPU
+    with pytest.raises(SystemExit, match="keeps no GPU random state"):
+        train.set_rng_state(state["cpu"], cuda)
+
+
+def test_the_method_imports_and_trains_without_sentence_transformers():
+    code = """import sys; sys.modules['sentence_transformers'] = None
+import torch, dream
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+words = ['[PAD]', '[UNK]', 'Question', ':', 'Answer', 'q', 'a', 'b', 'c', 'y']
+backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token='[UNK]'))
+backend.pre_tokenizer = pre_tokenizers.Whitespace()
+tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token='[PAD]', unk_token='[UNK]')
+lm = dream.prepare_lm(LlamaForCausalLM(LlamaConfig(vocab_size=10, hidden_size=16, intermediate_size=32,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None)))
+s = torch.tensor([[0.3, -0.2, 0.1]], requires_grad=True)
+dream.dream_loss(lm, dream.pack(tok, ['q'], [['a', 'b', 'c']], ['y']), s, injection='set').backward()
+assert s.grad.abs().sum() > 0
+print('ok')"""
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_attention_softcapping_is_refused():

@@ -259,18 +259,22 @@ def lm_batch(tok, questions, doc_ids, idx, cfg):
 class PrefixStore:
     """The frozen LM's keys and values over each question's documents, computed once: the bias
     never reaches the documents, so every later step, epoch or run (in this process) that packs
-    the same question with the same candidates reuses them. Kept up to max_gb."""
+    the same question with the same candidates reuses them. Kept on the LM's device up to max_gb
+    (--prefix-cache-gb) and, on a GPU, a quarter of its free memory."""
 
     def __init__(self):
-        self.items, self.bytes = {}, 0
+        self.items, self.bytes, self.limit = {}, 0, None
 
     def __call__(self, lm, batch, keys, max_gb):
+        if self.limit is None:  # on a GPU, at most a quarter of the memory free when it starts
+            free = torch.cuda.mem_get_info(batch.input_ids.device)[0] if batch.input_ids.is_cuda else float("inf")
+            self.limit = min(max_gb * 2 ** 30, free / 4)
         ends = batch.spans[:, -1, 1].tolist()
         keys = [(lm.config._name_or_path, lm.dtype, key) for key in keys]
         if any(key not in self.items for key in keys):
             cache = dream.encode_prefix(lm, batch)
             for b, key in enumerate(keys):
-                if key not in self.items and self.bytes < max_gb * 2 ** 30:
+                if key not in self.items and self.bytes < self.limit:
                     kv = [(l.keys[b, :, :ends[b]].clone(), l.values[b, :, :ends[b]].clone()) for l in cache.layers]
                     self.items[key] = kv
                     self.bytes += sum(2 * k.numel() * k.element_size() for k, _ in kv)
@@ -321,7 +325,8 @@ def centered_scores(model, queries, docs):
     the batch's other B - 1 queries: a score that every query gives a document cancels."""
     B, k = len(docs), len(docs[0])
     e = model(list(queries) + [text for ds in docs for text in ds])  # one call: one DDP forward
-    s = (e[:B] @ e[B:].T).view(B, B, k)  # s[a, b, j]: query a against example b's document j
+    with torch.autocast(e.device.type, enabled=False):  # fp32 cosines, as dream.score
+        s = (e[:B] @ e[B:].T).view(B, B, k)  # s[a, b, j]: query a against example b's document j
     own = s[range(B), range(B)]
     return own - (s.sum(0) - own) / (B - 1)
 
@@ -351,7 +356,8 @@ def infonce_loss(cfg, model, questions, passages, idx):
     groups = [[gold] + [j for j in q["candidates"] if j != gold][:cfg.k - 1] for q, gold in zip(qs, golds)]
     flat = [j for g in groups for j in g]
     e = model([q["query"] for q in qs] + [passages[j] for j in flat])  # one call: one DDP forward
-    logits = e[:len(qs)] @ e[len(qs):].T / cfg.temperature                       # [B, B * k]
+    with torch.autocast(e.device.type, enabled=False):  # fp32 cosines, as dream.score
+        logits = e[:len(qs)] @ e[len(qs):].T / cfg.temperature                   # [B, B * k]
     positive = torch.arange(len(qs), device=logits.device) * cfg.k
     # a question's gold paragraph may be another question's candidate too: there it is no negative
     copy = torch.tensor([[j == gold for j in flat] for gold in golds], device=logits.device)
@@ -414,6 +420,25 @@ def code_version():
         dream_sha = hashlib.sha256(f.read()).hexdigest()[:16]
     return {"commit": git("rev-parse", "HEAD") or None,
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no")), "dream_sha256": dream_sha}
+
+
+def rng_state(device):
+    """Every generator training draws from (dropout): the CPU's and, on a GPU, the device's."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    """rng_state's state back (an older checkpoint's lone tensor: the CPU's)."""
+    state = state if isinstance(state, dict) else {"cpu": state}
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda":
+        if "cuda" not in state:
+            raise SystemExit("--resume: this checkpoint keeps no GPU random state (written on a CPU or by an "
+                             "older train.py): dropout would not resume where it stopped; start the run anew")
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def save_checkpoint(path, state):
@@ -512,7 +537,7 @@ def train(cfg, log=tqdm.write):
         retriever.load_state_dict(ckpt["retriever"])
         opt.load_state_dict(ckpt["optimizer"])
         rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
-        torch.set_rng_state(rng[rank % len(rng)])
+        set_rng_state(rng[rank % len(rng)], device)
         start, report = ckpt["step"], ckpt["report"]
         log(f"resumed from {ckpt_path} at step {start}")
     elif cfg.evaluate_before:
@@ -561,7 +586,7 @@ def train(cfg, log=tqdm.write):
         if cfg.health_every and (step + 1) % cfg.health_every == 0:
             health(step + 1)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            rng = gather([torch.get_rng_state()], world)  # each rank's dropout stream
+            rng = gather([rng_state(device)], world)  # each rank's dropout stream
             if master:
                 save_checkpoint(ckpt_path, {"retriever": retriever.state_dict(), "optimizer": opt.state_dict(),
                                             "rng": rng, "step": step + 1, "report": report})
