@@ -463,8 +463,12 @@ def replug_step(scores, target, useful, temperature):
     return p_useful * (step.gather(1, useful[:, None])[:, 0] - (p * step).sum(1)) / temperature, step.argmax(1)
 
 
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: the docstring as written, every flag's default shown."""
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     parser.add_argument("--probe", action="store_true", help="measure the training signal before training "
                         "(a table and one JSON line)")
     parser.add_argument("--probe-questions", type=int, default=64,
@@ -474,8 +478,8 @@ def main():
                         "intervals against the start encoder and the first run")
     parser.add_argument("--drift", help="comma-separated encoders (folders; start = the start encoder): how "
                         "their space moved on --drift-data's judged queries (mean cosines)")
-    parser.add_argument("--drift-data", default="", help="--drift: a BEIR folder (default <data_dir>/scifact) and "
-                        "its --drift-split (train)")
+    parser.add_argument("--drift-data", default="", help="--drift: a BEIR folder and its --drift-split "
+                        "(default: %(default)r, <data_dir>/scifact)")
     parser.add_argument("--drift-split", default="train", help="--drift: the qrels split whose queries it reads")
     parser.add_argument("--grid-lr", default="3e-5,1e-4,3e-4", help="every method tries these on QA dev")
     parser.add_argument("--grid-temperature", default="0.05,0.2", help="and DREAM and REPLUG-LSR these")
@@ -490,7 +494,8 @@ def main():
                         "trained (with a warning) rather than train it again")
     parser.add_argument("--seeds", type=int, default=2, help="DREAM and REPLUG-LSR at their best, this many seeds")
     parser.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="",
-                        help=f"these ablations at DREAM's best, or all of them ({','.join(ABLATIONS)})")
+                        help=f"these ablations at DREAM's best, or all of them ({','.join(ABLATIONS)}) "
+                        f"(default: %(default)r, none)")
     args = add_config_flags(parser, out_dirs=("out/compare", "out/compare-decoder")).parse_args()
     cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     torch.set_num_threads(os.cpu_count() or 1)

@@ -496,15 +496,17 @@ def print_table(results, names, encoder, bm25):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # every default shown
     parser.add_argument("--encoder", help="hub name or local folder (or leave out, with --bm25)")
     parser.add_argument("--data", action="append", required=True, help="BEIR folder or name (repeatable)")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", help="the qrels split whose queries are evaluated")
     parser.add_argument("--out", help="write the metrics here as JSON")
     parser.add_argument("--save-run", help="write the run(s) here in TREC format")
     parser.add_argument("--bm25", action="store_true", help="evaluate BM25 (too, or alone)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-seq-length", type=int, help="cut each text to this many encoder tokens")
+    parser.add_argument("--batch-size", type=int, default=64, help="texts encoded at once")
+    parser.add_argument("--max-seq-length", type=int, help="cut each text to this many encoder tokens; "
+                        "None: the encoder's own setting")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: encode under autocast")
     args = parser.parse_args()
     if not args.encoder and not args.bm25:

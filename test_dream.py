@@ -1814,3 +1814,46 @@ def test_corpus_errors_name_the_file_and_the_fix(tmp_path):
     words.write_text("".join(json.dumps({"text": w}) + "\n" for w in ["alpha", "beta", "gamma", "delta"]))
     with pytest.raises(ValueError, match=r"words.jsonl: no document has text to split into a query and a target"):
         data.load_data(corpus_config(tmp_path, str(words)), TOK, log=lambda *_: None)
+
+
+def test_every_flag_explains_itself_with_its_default_and_choices(capsys, monkeypatch):
+    import train
+    monkeypatch.setenv("COLUMNS", "1000")  # each flag's help on one line
+
+    def help_of(main, argv):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        out, err = capsys.readouterr()
+        return stop.value.code, out + err
+
+    code, text = help_of(train.parse_args, ["--help"])
+    assert code == 0
+    assert re.search(r"--loss \{dream,replug,infonce\}\s+dream; or the baselines .*\(default: dream\)", text), text
+    for f in dataclasses.fields(train.Config):  # the help and the choices are written once, on the field
+        flag = "--" + f.name.replace("_", "-")
+        assert re.search(rf"^  {flag}[ ,\[]", text, re.M), flag
+        assert f.metadata["help"] in text and "(default: " in text.split(f.metadata["help"], 1)[1][:60], flag
+        if f.metadata["choices"]:
+            assert f"{flag} {{{','.join(f.metadata['choices'])}}}" in text, flag
+    assert re.search(r"--pooling \{,mean,cls,last\}\s+.*\(default: ''\)", text)
+    assert "--small  " in text and "the Config defaults" in text
+    code, text = help_of(train.parse_args, ["--decoder", "--help"])  # the preset's defaults, shown
+    assert re.search(r"--lr LR\s+.*\(default: 0\.001\)", text)
+    assert re.search(r"--out-dir OUT_DIR\s+.*\(default: out/decoder\)", text)
+    code, text = help_of(train.parse_args, ["--small", "--loss", "bm25"])  # a bad choice: argparse names the choices
+    assert code == 2 and "argument --loss: invalid choice: 'bm25' (choose from 'dream', 'replug', 'infonce')" in text
+    with pytest.raises(ValueError, match=r"--pooling 'max': choose '', mean, cls, last"):  # from Python, no argparse
+        train.train(train.Config(pooling="max"))
+    with pytest.raises(ValueError, match=r"--head-source 'labels': choose gold, loo"):
+        train.train(train.Config(head_source="labels"))
+
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--help"])
+    code, text = help_of(lambda _: compare.main(), None)
+    assert code == 0 and re.search(r"--grid-lr GRID_LR\s+.*\(default: 3e-5,1e-4,3e-4\)", text), text
+    assert re.search(r"--seeds SEEDS\s+.*\(default: 2\)", text)
+    assert re.search(r"--out-dir OUT_DIR\s+.*\(default: out/compare\)", text)
+    assert text.count("(default: out/compare)") == 1 and text.count("(default: dream)") == 1  # shown once
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--help"])
+    code, text = help_of(lambda _: beir_eval.main(), None)
+    assert code == 0 and re.search(r"--split SPLIT\s+.*\(default: test\)", text), text
+    assert re.search(r"--batch-size BATCH_SIZE\s+.*\(default: 64\)", text) and "(default: fp32)" in text

@@ -25,6 +25,7 @@ import math
 import os
 import random
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -74,61 +75,80 @@ def train_toy(steps=250, batch_size=32, lr=1e-3, temperature=0.05, seed=0, log=p
 
 
 # -----------------------------------------------------------------------------
-# configuration: the defaults are the --small run; every field is a command-line flag
+# configuration: the defaults are the --small run; every field is a command-line flag, its help (and
+# choices) written once, here
+
+
+def option(default, help, choices=None):
+    """A Config field that carries its own --help text and, where it takes a fixed set of values, its choices."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class Config:
-    lm: str = "auto"            # hub name, folder or .gguf; auto: the offline SmolLM2 package, else the hub
-    encoder: str = "auto"       # hub name or folder; auto: the offline MiniLM package, else the hub;
-                                # lm: a trainable copy of the frozen LM (--decoder)
-    train_data: str = ""        # SQuAD-schema JSON/JSONL, {"query","target"} JSONL, or "squad" (hub)
-    corpus: str = ""            # a BEIR folder, JSONL of passages or SQuAD file: candidates for {"query","target"}
-                                # data; alone (no train_data), the text that makes the training examples
-    corpus_examples: str = "passage"  # --corpus alone: an example a passage, or a document (its title: the query)
-    target_tokens: int = 32     # --corpus alone: the continuation after the first sentence, cut to this
-    corpus_siblings: int = 0    # --corpus alone: of the k candidates, this many other passages of the same document
-    eval_data: str = ""         # BEIR folders or names, comma-separated; "" = <data_dir>/scifact; none
-    data_dir: str = os.environ.get("DREAM_DATA", "../shared/data")
-    out_dir: str = "out/small"
-    loss: str = "dream"         # dream; or the baselines replug (REPLUG-LSR) and infonce (gold labels)
-    heads: str = "auto"         # biased heads: auto (ranked, QRHead; dev's choice), all, random, a layer slice,
-                                # "layer-head,..." pairs, or a file holding them
-    injection: str = "scale"    # dream: scale (bias log p_i + log k) or set (document i gets p_i of the documents' mass)
-    hide_documents: bool = False  # dream: the unselected heads' query and target rows see no document
-    head_count: int = 16        # heads auto and random: how many
-    head_source: str = "loo"    # heads auto: the useful document by leave-one-out (no labels), or the gold one
-    detection_questions: int = 64  # heads auto: training questions the heads are ranked on
-    beta: float = 0.1           # replug: temperature of the LM's distribution over the candidates
-    lora: int = 0               # > 0: train LoRA adapters of this rank instead of every weight
-    pooling: str = ""           # mean | cls | last; "" = the encoder's sentence-transformers setting
-    dtype: str = "auto"         # bf16 (autocast; the frozen LM stored in bf16) or fp32; auto: bf16 on GPUs
-    gradient_checkpointing: bool = False  # recompute the frozen LM's layers in the backward: less memory
-    temperature: float = 0.05
-    k: int = 4                  # candidates per question (BM25 top-k)
-    max_doc_tokens: int = 64    # a passage is whole sentences of at most this many LM tokens
-    steps: int = 100
-    batch_size: int = 4
-    lr: float = 3e-5
-    warmup_steps: int = 6
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    normalize: str = "none"     # dream: none, or question (each question's gradient on its k scores
-                                # scaled to unit length: every question one vote)
-    center: bool = False        # dream, replug: each score minus its document's mean score against the
-                                # batch's other queries: a document every query likes earns no bias
-    dev_questions: int = 1000   # held out by whole articles, never trained on: settings are chosen here
-    test_questions: int = 1000  # held out likewise (other articles): reported, never used to choose
-    val_loss_questions: int = 32  # dev questions the validation loss is measured on
-    health_every: int = 25      # every N steps, QA dev nDCG@10 of health_questions over health_pool
-    health_questions: int = 200  # passages (their candidates, their gold and a random sample); 0 = off
-    health_pool: int = 2000
-    prefix_cache_gb: float = 8.0  # the frozen LM's keys/values of each question's documents, kept
-    evaluate_before: bool = True  # evaluate the start encoder too
-    checkpoint_every: int = 25
-    seed: int = 1337            # the retriever's dropout and the order of training questions
-    data_seed: int = 1337       # the dev/test split and the candidates' order: the same for every --seed
-    resume: bool = False
+    lm: str = option("auto", "the frozen LM: hub name, folder or .gguf; auto: the offline SmolLM2 package, else the "
+                     "hub")
+    encoder: str = option("auto", "the retriever trained: hub name or folder; auto: the offline MiniLM package, else "
+                          "the hub; lm: a trainable copy of the frozen LM (--decoder)")
+    train_data: str = option("", 'SQuAD-schema JSON/JSONL, {"query","target"} JSONL, or "squad" (hub); "" = '
+                             "<data_dir>/squad/train.jsonl.gz")
+    corpus: str = option("", 'a BEIR folder, JSONL of passages or SQuAD file: candidates for {"query","target"} '
+                         "data; alone (no train_data), the text that makes the training examples")
+    corpus_examples: str = option("passage", "--corpus alone: an example a passage, or a document (its title: the "
+                                  "query)", ("passage", "document"))
+    target_tokens: int = option(32, "--corpus alone: the continuation after the first sentence, cut to this")
+    corpus_siblings: int = option(0, "--corpus alone: of the k candidates, this many other passages of the same "
+                                  "document")
+    eval_data: str = option("", 'BEIR folders or names, comma-separated; "" = <data_dir>/scifact; none: no BEIR evaluation')
+    data_dir: str = option(os.environ.get("DREAM_DATA", "../shared/data"), "where squad/ and scifact/ are found "
+                           "($DREAM_DATA)")
+    out_dir: str = option("out/small", "the checkpoint, encoder/, report.json and heads.txt go here")
+    loss: str = option("dream", "dream; or the baselines replug (REPLUG-LSR) and infonce (gold labels)",
+                       ("dream", "replug", "infonce"))
+    heads: str = option("auto", "biased heads: auto (ranked, QRHead; dev's choice), all, random, a layer slice, "
+                        '"layer-head,..." pairs, or a file holding them')
+    injection: str = option("scale", "dream: scale (bias log p_i + log k) or set (document i gets p_i of the "
+                            "documents' mass)", ("scale", "set"))
+    hide_documents: bool = option(False, "dream: the unselected heads' query and target rows see no document")
+    head_count: int = option(16, "heads auto and random: how many")
+    head_source: str = option("loo", "heads auto: the useful document by leave-one-out (no labels), or the gold one",
+                              ("gold", "loo"))
+    detection_questions: int = option(64, "heads auto: training questions the heads are ranked on")
+    beta: float = option(0.1, "replug: temperature of the LM's distribution over the candidates")
+    lora: int = option(0, "> 0: train LoRA adapters of this rank instead of every weight")
+    pooling: str = option("", 'mean | cls | last; "" = the encoder\'s sentence-transformers setting',
+                          ("", "mean", "cls", "last"))
+    dtype: str = option("auto", "bf16 (autocast; the frozen LM stored in bf16) or fp32; auto: bf16 on GPUs",
+                        ("auto", "bf16", "fp32"))
+    gradient_checkpointing: bool = option(False, "recompute the frozen LM's layers in the backward: less memory")
+    temperature: float = option(0.05, "the retriever's scores over the candidates are divided by this in every loss")
+    k: int = option(4, "candidates per question (BM25 top-k)")
+    max_doc_tokens: int = option(64, "a passage is whole sentences of at most this many LM tokens")
+    steps: int = option(100, "optimizer steps")
+    batch_size: int = option(4, "questions a step (over all processes)")
+    lr: float = option(3e-5, "peak learning rate (AdamW): a linear warmup, then a cosine decay to a tenth of it")
+    warmup_steps: int = option(6, "steps of the linear warmup")
+    weight_decay: float = option(0.01, "AdamW's weight decay")
+    grad_clip: float = option(1.0, "the gradient's norm is clipped to this")
+    normalize: str = option("none", "dream: none, or question (each question's gradient on its k scores scaled to "
+                            "unit length: every question one vote)", ("none", "question"))
+    center: bool = option(False, "dream, replug: each score minus its document's mean score against the batch's "
+                          "other queries: a document every query likes earns no bias")
+    dev_questions: int = option(1000, "held out by whole articles, never trained on: settings are chosen here")
+    test_questions: int = option(1000, "held out likewise (other articles): reported, never used to choose")
+    val_loss_questions: int = option(32, "dev questions the validation loss is measured on")
+    health_every: int = option(25, "every N steps, QA dev nDCG@10 of health_questions over health_pool passages; "
+                               "0 = off")
+    health_questions: int = option(200, "the health check's dev questions; 0 = off")
+    health_pool: int = option(2000, "the health check's passages: the questions' candidates, their gold and a "
+                              "random sample, this many in all")
+    prefix_cache_gb: float = option(8.0, "the frozen LM's keys/values of each question's documents, kept up to "
+                                    "this many GB")
+    evaluate_before: bool = option(True, "evaluate the start encoder too")
+    checkpoint_every: int = option(25, "save out_dir/ckpt.pt every N steps (and at the end)")
+    seed: int = option(1337, "the retriever's dropout and the order of training questions")
+    data_seed: int = option(1337, "the dev/test split and the candidates' order: the same for every --seed")
+    resume: bool = option(False, "go on from out_dir/ckpt.pt (written with the same settings)")
 
 
 def settings(config_dict):
@@ -470,12 +490,11 @@ def train(cfg, log=tqdm.write):
     if cfg.center and (cfg.loss == "infonce" or cfg.batch_size // world < 2):
         raise ValueError(f"--center: needs --loss dream or replug and 2 or more questions a batch on each "
                          f"process (--batch-size {cfg.batch_size}, {world} processes): raise --batch-size")
-    for flag, value, allowed in (("dtype", cfg.dtype, ("auto", "bf16", "fp32")),
-                                 ("loss", cfg.loss, ("dream", "replug", "infonce")),
-                                 ("injection", cfg.injection, ("scale", "set")),
-                                 ("normalize", cfg.normalize, ("none", "question"))):
-        if value not in allowed:
-            raise ValueError(f"--{flag} {value!r}: choose {', '.join(allowed)}")
+    for f in dataclasses.fields(Config):  # a Config built in Python has not met argparse's choices
+        allowed, value = f.metadata["choices"], getattr(cfg, f.name)
+        if allowed and value not in allowed:
+            raise ValueError(f"--{f.name.replace('_', '-')} {value!r}: "
+                             f"choose {', '.join(a or repr(a) for a in allowed)}")
     given = cfg  # as asked; cfg.heads becomes the chosen heads below
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -609,25 +628,32 @@ def train(cfg, log=tqdm.write):
 
 
 def add_config_flags(parser, argv=None, out_dirs=("out/small", "out/decoder")):
-    """Every Config field as --field-name (booleans as --field / --no-field), out_dir's default the
-    first of out_dirs; --decoder makes DECODER and the second the defaults (a flag given wins)."""
+    """Every Config field as --field-name (booleans as --field / --no-field), with the field's help, choices
+    and default; out_dir's default the first of out_dirs; --decoder makes DECODER and the second the
+    defaults (a flag given wins), and --decoder --help shows them."""
     parser.add_argument("--decoder", action="store_true", help="the retriever a LoRA copy of the LM, last-token "
-                        "pooling, an EOS appended (the paper's kind of retriever, shrunk to SmolLM2-135M)")
+                        "pooling, an EOS appended (the paper's kind of retriever, shrunk to SmolLM2-135M): sets "
+                        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DECODER.items()))
+    argv = sys.argv[1:] if argv is None else argv
+    decoder = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0].decoder
+    defaults = {"out_dir": out_dirs[decoder], **(DECODER if decoder else {})}
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, default = "--" + f.name.replace("_", "-"), defaults.get(f.name, f.default)
+        shown = f.metadata["help"].replace("%", "%%") + (" (default: %(default)r)" if default == "" else
+                                                         " (default: %(default)s)")  # '' shown as ''
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=shown)
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
-    decoder = parser.parse_known_args(argv)[0].decoder
-    parser.set_defaults(out_dir=out_dirs[decoder], **(DECODER if decoder else {}))
+            parser.add_argument(flag, type=type(f.default), default=default, choices=f.metadata["choices"], help=shown)
     return parser
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--toy", action="store_true", help="the toy world (offline, < 2 min on a CPU)")
-    parser.add_argument("--small", action="store_true", help="the laptop run: the Config defaults")
+    parser.add_argument("--small", action="store_true", help="the laptop run: SmolLM2-135M frozen, all-MiniLM-L6-v2 "
+                        "trained on SQuAD questions, SciFact evaluated; its settings are the Config defaults (this "
+                        "flag changes none of them: it is the explicit way to ask for them)")
     args = add_config_flags(parser, argv).parse_args(argv)
     if not (args.toy or args.small or args.decoder or args.train_data or args.corpus):
         parser.error("say what to run: --toy, --small, --decoder, --train-data FILE, or --corpus DIR (no labels) "
