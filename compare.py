@@ -265,7 +265,8 @@ def plot(grid, final, out_dir):
                 ax.plot(*zip(*r["health"]), marker="o",
                         label=f"lr {lr:g}, tau {tau:g}" + (f", heads {heads}" if name.startswith("DREAM") else ""))
         ax.set(title=f"{name}: health", xlabel="step", ylabel="QA dev nDCG@10 (small pool)")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # runs without health checks draw nothing
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "health.png"), dpi=120)
     plt.close(fig)

@@ -114,8 +114,9 @@ def dream_attention(module, query, key, value, attention_mask, scaling=None, dro
             # the same sum as below, inside torch's kernel: mask and bias as one float mask, in fp32
             # (a bf16 mask would round the bias by up to 0.4%); the kernel keeps no [T, S]
             # probabilities for the backward
-            mask = torch.where(attention_mask, bias, torch.finfo(torch.float32).min)
-            q, k, v = (x.float() for x in (query, key, value))
+            dtype = torch.promote_types(query.dtype, torch.float32)
+            mask = torch.where(attention_mask, bias.to(dtype), torch.finfo(dtype).min)
+            q, k, v = (x.to(dtype) for x in (query, key, value))
             if query.device.type == "cuda":  # on CUDA, GQA with a float mask goes to the math kernel
                 k, v = repeat_kv(k, H // k.shape[1]), repeat_kv(v, H // v.shape[1])
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,

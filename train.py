@@ -624,6 +624,9 @@ def train(cfg, log=tqdm.write):
     log(summary(report, encoder_dir))
     if world > 1:
         dist.barrier()  # nobody leaves while rank 0 still writes
+    if master and device.type == "cuda" and os.environ.get("DREAM_PEAK_MEMORY_FILE"):  # gpu_check.py reads it
+        with open(os.environ["DREAM_PEAK_MEMORY_FILE"], "w") as f:
+            f.write(str(torch.cuda.max_memory_allocated(device)))
     return retriever, report
 
 
