@@ -143,7 +143,7 @@ class Config:
     health_pool: int = option(2000, "the health check's passages: the questions' candidates, their gold and a "
                               "random sample, this many in all")
     prefix_cache_gb: float = option(8.0, "the frozen LM's keys/values of each question's documents, kept up to "
-                                    "this many GB")
+                                    "this many GB (on a GPU, at most a quarter of its free memory)")
     evaluate_before: bool = option(True, "evaluate the start encoder too")
     checkpoint_every: int = option(25, "save out_dir/ckpt.pt every N steps (and at the end)")
     seed: int = option(1337, "the retriever's dropout and the order of training questions")
