@@ -244,30 +244,27 @@ class Batch:
 def text_ids(tok, texts):
     """The token ids of each text as it reads inside a sequence: no special tokens and, for a
     tokenizer that puts a space before a text's first word (SentencePiece: Llama-2, Mistral), not
-    that space either: the text is read after an anchor (a newline, else ".") whose tokens are dropped
-    (where the anchor merges with the text, a leading token that is a space alone is dropped)."""
+    that space either: the text is read after a newline whose tokens are dropped (where the newline
+    merges with the text, the text alone less a leading token that is a space alone)."""
     plain = lambda xs: tok(list(xs), add_special_tokens=False)["input_ids"]
-    anchors = leading_space_anchors(tok)
-    if not anchors:  # no such space (GPT-2, Qwen, Llama-3): the texts alone
+    anchor = leading_space_anchor(tok)
+    if anchor is None:  # no such space (GPT-2, Qwen, Llama-3): the texts alone
         return plain(texts)
-    out = [None] * len(texts)
-    for anchor, ids in anchors.items():  # an anchor that merges with the text's first token is no use
-        todo = [i for i, x in enumerate(out) if x is None]
-        for i, read in zip(todo, plain(anchor + texts[i] for i in todo) if todo else []):
-            out[i] = read[len(ids):] if read[:len(ids)] == ids else None
-    for i in (i for i, x in enumerate(out) if x is None):  # else the text alone, less a lone space token
-        ids = plain([texts[i]])[0]
-        out[i] = ids[1:] if ids and not tok.decode(ids[:1]).strip(" ") and not texts[i].startswith(" ") else ids
+    out = []
+    for text, read in zip(texts, plain("\n" + text for text in texts)):
+        if read[:len(anchor)] == anchor:
+            out.append(read[len(anchor):])
+            continue
+        ids = plain([text])[0]
+        out.append(ids[1:] if ids and not tok.decode(ids[:1]).strip(" ") and not text.startswith(" ") else ids)
     return out
 
 
 @functools.lru_cache(maxsize=None)
-def leading_space_anchors(tok):
-    """{anchor: its ids} if the tokenizer puts a space before a text's first word, else {}."""
-    anchors = {a: tok(a, add_special_tokens=False)["input_ids"] for a in ("\n", ".")}
-    spaced = tok("\na", add_special_tokens=False)["input_ids"][len(anchors["\n"]):] != \
-        tok("a", add_special_tokens=False)["input_ids"]
-    return anchors if spaced else {}
+def leading_space_anchor(tok):
+    """A newline's ids if the tokenizer puts a space before a text's first word, else None."""
+    anchor, with_anchor, alone = tok(["\n", "\na", "a"], add_special_tokens=False)["input_ids"]
+    return None if with_anchor[len(anchor):] == alone else anchor
 
 
 def start_token(tok):
