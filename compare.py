@@ -6,7 +6,7 @@ The research harness: DREAM against its baselines from the same start, and the s
     python compare.py --rebuild --out-dir out/compare   compare.md, compare.json and plots from the
                                                          saved runs; trains nothing
     python compare.py --probe [--temperature 0.2]        what the LM's signal says, before training
-    python compare.py --runs out/a,out/b                 a table of finished train.py runs, with intervals
+    python compare.py --runs out/a,out/b+out/c           a table of finished train.py runs (b+c: seeds), with intervals
     python compare.py --drift start,out/a/encoder        how far the space moved (SciFact train queries)
 
 The grid: every method (DREAM, REPLUG-LSR, InfoNCE with gold labels; --methods) trains from the
@@ -289,32 +289,37 @@ def plot(grid, final, out_dir):
 # a table of runs already trained: python compare.py --runs out/a,out/b
 
 
-def runs_table(folders):
-    """Markdown: every query set the runs share, nDCG@10 of the start encoder (the first run that
-    evaluated it before training, or a run of 0 steps, as compare.py's start) and of each run, with
-    paired bootstrap 95% intervals of the difference to the start encoder and to the first run."""
+def runs_table(names):
+    """Markdown: every query set the runs share, nDCG@10 of each run, with paired bootstrap 95%
+    intervals of its difference to the first run and to the start encoder (the first run that
+    evaluated it before training, or a run of 0 steps, as compare.py's start; the column is left out
+    where none did). "a+b" is one method's seeds, averaged per query."""
+    groups = {name: name.split("+") for name in names}
     reports = {}
-    for folder in folders:
+    for folder in [f for group in groups.values() for f in group]:
         with open(os.path.join(folder, "report.json")) as f:
             reports[folder] = json.load(f)
     start = next((r.get("before", r["after"])["per_query"] for r in reports.values()
                   if "before" in r or r["config"]["steps"] == 0), None)
-    if start is None:
-        raise SystemExit("--runs: none of these runs evaluated its start encoder (train without --no-evaluate-before, "
-                         "or add a run of --steps 0)")
-    rows = {"start encoder": start, **{folder: r["after"]["per_query"] for folder, r in reports.items()}}
-    first = rows[folders[0]]
+    rows = {name: seed_mean([reports[f] for f in group]) for name, group in groups.items()}
+    rows = {**({"start encoder": start} if start else {}), **rows}
+    first = rows[names[0]]
     lines = []
-    for s in [s for s in start if all(s in per_query for per_query in rows.values())]:
-        lines += ["", f"{s} ({len(start[s]['ndcg@10'])} queries): nDCG@10, and the paired bootstrap 95% interval of "
-                  f"the difference", "", f"| run | nDCG@10 | vs start encoder | vs {folders[0]} |", "|---|---|---|---|"]
+    for s in [s for s in first if all(s in per_query for per_query in rows.values())]:
+        versus = [(names[0], first)] + ([("start encoder", start)] if start else [])
+        lines += ["", f"{s} ({len(first[s]['ndcg@10'])} queries): nDCG@10, and the paired bootstrap 95% interval of "
+                  f"the difference", "", "| " + " | ".join(["run", "nDCG@10"] + [f"vs {n}" for n, _ in versus]) + " |",
+                  "|---|---|" + "---|" * len(versus)]
         for name, per_query in rows.items():
             values = per_query[s]["ndcg@10"]
             cells = [name, f"{sum(values.values()) / len(values):.4f}"]
-            for other in (start, first):
+            for _, other in versus:
                 d = None if other is per_query else paired_bootstrap(values, other[s]["ndcg@10"], seed=0)
                 cells.append("" if d is None else f"{d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]")
             lines.append("| " + " | ".join(cells) + " |")
+    if start is None:
+        lines += ["", "No run evaluated its start encoder (train without --no-evaluate-before, or add a run of "
+                  "--steps 0): no column against it."]
     code = {folder: r.get("code", {}).get("dream_sha256") for folder, r in reports.items()}
     if len(set(code.values())) > 1 or None in code.values():  # said, not hidden: numbers of other code
         lines += ["", "Trained by different dream.py versions (sha256 prefix; none: not recorded): " +
@@ -475,8 +480,8 @@ def main():
     parser.add_argument("--probe-questions", type=int, default=64,
                         help="--probe: dev questions whose gold passage is among their candidates")
     parser.add_argument("--rebuild", action="store_true", help="tables and plots from the saved runs; train nothing")
-    parser.add_argument("--runs", help="comma-separated out_dirs of finished train.py runs: their table, with "
-                        "intervals against the start encoder and the first run")
+    parser.add_argument("--runs", help="comma-separated out_dirs of finished train.py runs (a+b: one method's "
+                        "seeds, averaged per query): their table, with intervals against the first and the start encoder")
     parser.add_argument("--drift", help="comma-separated encoders (folders; start = the start encoder): how "
                         "their space moved on --drift-data's judged queries (mean cosines)")
     parser.add_argument("--drift-data", default="", help="--drift: a BEIR folder and its --drift-split "
