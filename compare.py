@@ -302,11 +302,11 @@ def runs_table(names):
     start = next((r.get("before", r["after"])["per_query"] for r in reports.values()
                   if "before" in r or r["config"]["steps"] == 0), None)
     rows = {name: seed_mean([reports[f] for f in group]) for name, group in groups.items()}
-    rows = {**({"start encoder": start} if start else {}), **rows}
+    rows = {**({"start encoder": start} if start is not None else {}), **rows}
     first = rows[names[0]]
+    versus = [(names[0], first)] + ([("start encoder", start)] if start is not None else [])
     lines = []
     for s in [s for s in first if all(s in per_query for per_query in rows.values())]:
-        versus = [(names[0], first)] + ([("start encoder", start)] if start else [])
         lines += ["", f"{s} ({len(first[s]['ndcg@10'])} queries): nDCG@10, and the paired bootstrap 95% interval of "
                   f"the difference", "", "| " + " | ".join(["run", "nDCG@10"] + [f"vs {n}" for n, _ in versus]) + " |",
                   "|---|---|" + "---|" * len(versus)]

@@ -1757,7 +1757,7 @@ def test_a_tiny_corpus_trains_end_to_end_and_reports_dev_and_test_halves(tmp_pat
     assert "collection dev nDCG@10, after - before:" in summary and "collection nDCG@10, after - before:" in summary
     # REPLUG-LSR on the same examples, and the table of both runs against the start encoder
     replug = dataclasses.replace(cfg, loss="replug", evaluate_before=False, out_dir=str(tmp_path / "replug"))
-    train.train(replug, log=lambda *_: None)
+    _, replug_report = train.train(replug, log=lambda *_: None)
     table = compare.runs_table([cfg.out_dir, replug.out_dir])
     start = report["before"]["beir"]["collection dev"]["ndcg@10"]
     assert "collection dev (5 queries)" in table and f"| start encoder | {start:.4f} |" in table
@@ -1769,8 +1769,7 @@ def test_a_tiny_corpus_trains_end_to_end_and_reports_dev_and_test_halves(tmp_pat
     assert f"| run | nDCG@10 | vs {replug.out_dir} |\n" in alone
     # "a+b": one method's seeds averaged per query, paired against the others
     both = f"{cfg.out_dir}+{replug.out_dir}"
-    per = [report["after"]["per_query"]["collection dev"]["ndcg@10"],
-           json.load(open(os.path.join(replug.out_dir, "report.json")))["after"]["per_query"]["collection dev"]["ndcg@10"]]
+    per = [r["after"]["per_query"]["collection dev"]["ndcg@10"] for r in (report, replug_report)]
     mean = sum((a + b) / 2 for a, b in zip(per[0].values(), (per[1][q] for q in per[0]))) / len(per[0])
     assert f"| {both} | {mean:.4f} |" in compare.runs_table([replug.out_dir, both])
     # a run of 0 steps (compare.py's start) is the start encoder too
