@@ -293,12 +293,16 @@ def runs_table(names):
     """Markdown: every query set the runs share, nDCG@10 of each run, with paired bootstrap 95%
     intervals of its difference to the first run and to the start encoder (the first run that
     evaluated it before training, or a run of 0 steps, as compare.py's start; the column is left out
-    where none did). "a+b" is one method's seeds, averaged per query."""
+    where none did). "a+b" is one method's seeds, averaged per query. A run folder's beir.json (a grid
+    run's BEIR sets, as compare() writes it) adds its query sets."""
     groups = {name: name.split("+") for name in names}
     reports = {}
     for folder in [f for group in groups.values() for f in group]:
         with open(os.path.join(folder, "report.json")) as f:
             reports[folder] = json.load(f)
+        if os.path.exists(os.path.join(folder, "beir.json")):  # a grid run's BEIR dev and test sets, kept apart
+            with open(os.path.join(folder, "beir.json")) as f:
+                reports[folder]["after"]["per_query"].update({n: v for n, (_, v) in json.load(f).items()})
     start = next((r.get("before", r["after"])["per_query"] for r in reports.values()
                   if "before" in r or r["config"]["steps"] == 0), None)
     rows = {name: seed_mean([reports[f] for f in group]) for name, group in groups.items()}

@@ -1776,6 +1776,14 @@ def test_a_tiny_corpus_trains_end_to_end_and_reports_dev_and_test_halves(tmp_pat
     zero = dataclasses.replace(replug, steps=0, out_dir=str(tmp_path / "zero"))
     train.train(zero, log=lambda *_: None)
     assert f"| start encoder | {start:.4f} |" in compare.runs_table([replug.out_dir, zero.out_dir])
+    # a grid run's beir.json (BEIR sets kept apart from report.json) joins the table, paired like the rest
+    for folder, values in ((zero.out_dir, [0.25, 0.5]), (replug.out_dir, [0.5, 1.0])):
+        per_query = {"ndcg@10": {"a": values[0], "b": values[1]}}
+        with open(os.path.join(folder, "beir.json"), "w") as f:
+            json.dump({"other dev": [{"ndcg@10": sum(values) / 2}, per_query]}, f)
+    grid_table = compare.runs_table([replug.out_dir, zero.out_dir])
+    assert "other dev (2 queries)" in grid_table
+    assert f"| {replug.out_dir} | 0.7500 |  | +0.3750 [+0.2500, +0.5000] |" in grid_table
     assert "different dream.py" not in table  # one dream.py trained both; another is named
     path = os.path.join(zero.out_dir, "report.json")
     with open(path) as f:
