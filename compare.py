@@ -300,8 +300,9 @@ def runs_table(names):
     for folder in [f for group in groups.values() for f in group]:
         with open(os.path.join(folder, "report.json")) as f:
             reports[folder] = json.load(f)
-        if os.path.exists(os.path.join(folder, "beir.json")):  # a grid run's BEIR dev and test sets, kept apart
-            with open(os.path.join(folder, "beir.json")) as f:
+        beir = os.path.join(folder, "beir.json")  # a grid run's BEIR dev and test sets, kept apart
+        if os.path.exists(beir):
+            with open(beir) as f:
                 reports[folder]["after"]["per_query"].update({n: v for n, (_, v) in json.load(f).items()})
     start = next((r.get("before", r["after"])["per_query"] for r in reports.values()
                   if "before" in r or r["config"]["steps"] == 0), None)
