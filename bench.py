@@ -1,7 +1,7 @@
 """
 Speed of DREAM relative to what it is built on, measured in one process (medians of repeats).
 
-    python bench.py [--json] [--repeats 5] [--heads all]
+    python bench.py [--json] [--repeats 5] [--heads all] [--lm PATH --encoder PATH]
 
 dream_step_vs_lm_forward: one DREAM training step (retriever scores + biased LM forward +
     backward into the retriever) / one plain forward of the same frozen LM on the same tokens.
@@ -43,7 +43,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import dream
 from eval import find_file, ids_and_texts, read_jsonl
-from train import Config, load_lm, resolve_models
+from config import Config, load_lm, resolve_models
 
 
 def timed(fn, repeats):
@@ -89,7 +89,7 @@ def peak_memory(fn):
     return peak - base
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.add_argument("--repeats", type=int, default=5)
@@ -97,15 +97,17 @@ def main():
     parser.add_argument("--k", type=int, default=4, help="documents per query")
     parser.add_argument("--heads", default="all", help="biased heads: all, a layer slice like --heads=-10:, or l-h pairs")
     parser.add_argument("--data-dir", default=os.environ.get("DREAM_DATA", "../shared/data"))
+    parser.add_argument("--lm", default="auto", help="the frozen LM (auto: the offline SmolLM2 package)")
+    parser.add_argument("--encoder", default="auto", help="the retriever (auto: the offline MiniLM package)")
     parser.add_argument("--memory-of", choices=["forward", "step", "step-checkpointed"],
                         help=argparse.SUPPRESS)  # a child run measures one of them
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     say = (lambda *a: None) if args.json else print
     torch.manual_seed(0)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # as train.py's --dtype auto
-    gguf, minilm = resolve_models(Config(), log=say)  # the offline packages, else the hub
+    gguf, minilm = resolve_models(Config(lm=args.lm, encoder=args.encoder), log=say)  # auto: offline packages
     lm, tok = load_lm(gguf, log=say, dtype=dtype, device=device,
                       gradient_checkpointing=args.memory_of == "step-checkpointed")
     retriever = dream.load_retriever(minilm, device=device)
@@ -145,9 +147,11 @@ def main():
     H, H_kv, D = lm.config.num_attention_heads, lm.config.num_key_value_heads, attn.head_dim
     T = batch.input_ids.shape[1]
     q, kk, v = (torch.randn(B, h, T, D, device=device, dtype=dtype) for h in (H, H_kv, H_kv))
-    bias = torch.randn(B, T, T, device=device)
+    score_bias = lambda reference: dream.ScoreBias(  # every head of the layer biased, random scores
+        torch.randn(B, k, device=device).log_softmax(-1), dream.document_columns(batch.spans, T),
+        {attn.layer_idx: torch.ones(H, dtype=torch.bool, device=device)}, reference=reference)
     layer = lambda reference: dream.dream_attention(attn, q, kk, v, None, scaling=D ** -0.5,
-                                                    dream=dream.DocBias(bias, {0: torch.ones(H)}, reference=reference))
+                                                    score_bias=score_bias(reference))
     t_hand, t_fast = timed(lambda: layer(True), args.repeats), timed(lambda: layer(False), args.repeats)
     t_sdpa = timed(lambda: sdpa_attention_forward(attn, q, kk, v, None, scaling=D ** -0.5), args.repeats)
     say(f"one layer's attention: hand-written + bias {t_hand * 1e3:.1f} ms, SDPA + bias as a float mask "
@@ -166,7 +170,8 @@ def main():
         f"SentenceTransformer.encode {t_encode * 1e3:.0f} ms")
 
     # the retriever of train.py --decoder: a LoRA copy of the frozen LM, pooled at an appended EOS
-    decoder = dream.load_retriever(resolve_models(Config(encoder="lm"), say)[1], pooling="last", lora=16, device=device)
+    decoder_name = resolve_models(Config(lm=args.lm, encoder="lm"), say)[1]
+    decoder = dream.load_retriever(decoder_name, pooling="last", lora=16, device=device)
     def decoder_step():
         decoder.zero_grad(set_to_none=True)
         with autocast:
@@ -179,7 +184,7 @@ def main():
         f"{t_decoder_encode * 1e3:.0f} ms (all-MiniLM-L6-v2 {t_minilm_encode * 1e3:.0f} ms)")
 
     child = [sys.executable, __file__, "--batch-size", str(B), "--k", str(k), f"--heads={args.heads}",
-             "--data-dir", args.data_dir, "--memory-of"]
+             "--data-dir", args.data_dir, "--lm", args.lm, "--encoder", args.encoder, "--memory-of"]
     memory = {which: int(subprocess.run(child + [which], capture_output=True, text=True, check=True)
                          .stdout.split()[-1]) for which in ("forward", "step", "step-checkpointed")}
     say(f"peak extra memory: plain forward {memory['forward'] / 2**20:.0f} MiB, "

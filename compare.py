@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 import dream
 from data import beir_sets, load_data
 from eval import encode, evaluate_beir, evaluate_questions, ids_and_texts, load_beir, paired_bootstrap
-from train import (Config, add_config_flags, choose_heads, code_version, examples, lm_batch, load_lm,
-                   nll_per_document, resolve_models, settings, train)
+from config import Config, add_config_flags, load_lm, resolve_models, settings
+from objectives import examples, lm_batch, nll_per_document
+from train import choose_heads, code_version, train
 
 # -----------------------------------------------------------------------------
 # the grid on QA dev, the report on QA test and BEIR with paired bootstrap intervals
@@ -43,20 +44,20 @@ METHODS = {"DREAM": "dream", "REPLUG-LSR": "replug", "InfoNCE (gold labels)": "i
 HEADS = {"all": {"heads": "all"},  # --grid-heads: the heads DREAM biases; any other value is a --heads value
          "loo": {"heads": "auto", "head_source": "loo"},  # head_count heads ranked without labels
          "gold": {"heads": "auto", "head_source": "gold"}}  # ranked on detection_questions gold-labelled questions
-READINGS = {"scale": {"injection": "scale", "hide_documents": False},  # --grid-injection: DREAM's readings,
-            "set": {"injection": "set", "hide_documents": False},     # each reported as a method of its own
-            "scale+hide": {"injection": "scale", "hide_documents": True},
-            "set+hide": {"injection": "set", "hide_documents": True}}
+READINGS = {"scale": {"reading": "scale", "hide_documents": False},  # --grid-reading: DREAM's readings,
+            "set": {"reading": "set", "hide_documents": False},     # each reported as a method of its own
+            "scale+hide": {"reading": "scale", "hide_documents": True},
+            "set+hide": {"reading": "set", "hide_documents": True}}
 ABLATIONS = {"random_heads": ("DREAM, 16 random heads", {"heads": "random"}),
              "normalize": ("DREAM, question-normalised gradient", {"normalize": "question"}),
              "k": ("DREAM, k 8", {"k": 8})}
 
 
 def compare(cfg, grid_lr="3e-5,1e-4,3e-4", grid_temperature="0.05,0.2", seeds=2, ablations=(), rebuild=False,
-            grid_heads="all,loo,gold", methods=tuple(METHODS.values()), grid_injection="scale", reuse_older=False,
+            grid_heads="all,loo,gold", methods=tuple(METHODS.values()), grid_reading="scale", reuse_older=False,
             log=print):
     """The grid (grid_lr; grid_temperature for DREAM and REPLUG-LSR; grid_heads for DREAM) for
-    every method named in `methods`, DREAM once for each reading in grid_injection (keys of
+    every method named in `methods`, DREAM once for each reading in grid_reading (keys of
     READINGS; "DREAM" is scale, "DREAM (set)" another); each method's settings are the ones with the best dev score:
     the mean nDCG@10 of QA dev and of every BEIR folder's dev queries (SciFact's train queries), or
     QA dev alone without them. Those settings with `seeds` seeds (InfoNCE one), the start encoder
@@ -69,9 +70,9 @@ def compare(cfg, grid_lr="3e-5,1e-4,3e-4", grid_temperature="0.05,0.2", seeds=2,
         raise ValueError(f"--ablations {','.join(sorted(unknown))}: choose from {','.join(ABLATIONS)}")
     if not methods or set(methods) - set(METHODS.values()) or ablations and "dream" not in methods:
         raise ValueError(f"--methods {','.join(methods)}: choose from dream, replug, infonce (dream, for --ablations)")
-    readings = grid_injection.split(",")
+    readings = grid_reading.split(",")
     if not readings or set(readings) - set(READINGS):
-        raise ValueError(f"--grid-injection {grid_injection}: choose from {','.join(READINGS)}")
+        raise ValueError(f"--grid-reading {grid_reading}: choose from {','.join(READINGS)}")
     # (name, loss, reading, folder suffix): DREAM once for each reading
     methods = [(name if r == "scale" else f"{name} ({r})", loss, r, "" if r == "scale" else "_" + r.replace("+", "-"))
                for name, loss in METHODS.items() if loss in methods for r in (readings if loss == "dream" else ["scale"])]
@@ -373,7 +374,7 @@ def probe(lm, batch, scores, useful, heads="all", temperature=0.05, focus=5.0, p
       favours: the document whose score the descent step raises most
       focused: the document whose bias focused on it (s/tau = focus there, 0 elsewhere) gives the
                lowest loss: where the LM itself would look
-    reading: dream_loss's injection and hide_documents."""
+    reading: dream_loss's reading and hide_documents."""
     B, k = scores.shape
     prefix = dream.encode_prefix(lm, batch) if prefix is None else prefix
     s = scores.detach().float().requires_grad_()
@@ -420,7 +421,7 @@ def signal_probe(cfg, questions=64, log=print):
             own = dream.score(retriever, q, d)
             nll = nll_per_document(lm, tok, qs, doc_ids, idx, cfg, device)
         for name, scores in (("equal", torch.zeros_like(own)), ("own", own)):
-            out = probe(lm, batch, scores, useful, heads, cfg.temperature, prefix=prefix, injection=cfg.injection,
+            out = probe(lm, batch, scores, useful, heads, cfg.temperature, prefix=prefix, reading=cfg.reading,
                         hide_documents=cfg.hide_documents)
             seen[f"{name} raise"] += out["raise"].tolist()
             seen[f"{name} favours"] += (out["favours"] == useful).tolist()
@@ -433,7 +434,7 @@ def signal_probe(cfg, questions=64, log=print):
     share = lambda key: sum(v > 0 for v in seen[key]) / len(qs)
     median = lambda key: sorted(seen[key])[len(qs) // 2]
     result = {"questions": len(qs), "k": cfg.k, "temperature": cfg.temperature, "heads": heads,
-              "injection": cfg.injection, "hide_documents": cfg.hide_documents,
+              "reading": cfg.reading, "hide_documents": cfg.hide_documents,
               "equal_raises_gold": share("equal raise"), "equal_median_raise": median("equal raise"),
               "equal_favours_gold": share("equal favours"), "own_raises_gold": share("own raise"),
               "own_median_raise": median("own raise"), "own_favours_gold": share("own favours"),
@@ -453,7 +454,7 @@ def signal_probe(cfg, questions=64, log=print):
             ("the retriever ranks the gold first", None, result["retriever_ranks_gold_first"], f"{1 / cfg.k:.2f}")]
     fmt = lambda v: "" if v is None else f"{v:.3g}" if abs(v) < 0.01 else f"{v:.2f}"
     lines = [f"signal probe: {len(qs)} dev questions with the {kind} "
-             f"among k = {cfg.k} candidates, tau = {cfg.temperature}, injection {cfg.injection}"
+             f"among k = {cfg.k} candidates, tau = {cfg.temperature}, reading {cfg.reading}"
              + (", the documents hidden from the other heads" if cfg.hide_documents else ""),
              "| | equal scores | retriever's scores | chance |", "|---|---|---|---|"]
     lines += [f"| {label} | {fmt(a)} | {fmt(b)} | {c} |" for label, a, b, c in rows]
@@ -499,7 +500,7 @@ def main():
                         "questions; or any --heads value")
     parser.add_argument("--methods", default=",".join(METHODS.values()), help="the methods to run (dream, replug, "
                         "infonce)")
-    parser.add_argument("--grid-injection", default="scale", help=f"DREAM's readings, each a method of its own "
+    parser.add_argument("--grid-reading", default="scale", help=f"DREAM's readings, each a method of its own "
                         f"({', '.join(READINGS)}; +hide: the documents hidden from the other heads)")
     parser.add_argument("--reuse-older", action="store_true", help="reuse a finished run that another dream.py "
                         "trained (with a warning) rather than train it again")
@@ -519,7 +520,7 @@ def main():
         signal_probe(cfg, args.probe_questions)
     else:
         compare(cfg, args.grid_lr, args.grid_temperature, args.seeds, [a for a in args.ablations.split(",") if a],
-                args.rebuild, args.grid_heads, args.methods.split(","), args.grid_injection, args.reuse_older)
+                args.rebuild, args.grid_heads, args.methods.split(","), args.grid_reading, args.reuse_older)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,15 @@ passage, where the data has one, is only counted and evaluated.
   max_doc_tokens, so the retriever scores exactly what the LM reads; the target is the answer.
 - {"query", "target"} JSON lines with a --corpus of passages (a BEIR folder or a JSONL).
 - Held out by article: whole articles go to dev (to choose settings) and test (to report).
-- The toy world of train.py --toy: keys, values, and a tiny LM taught to copy.
+- The toy world of train.py --toy: keys, values, a tiny LM taught to copy, and its training loop.
 """
 import gzip
 import json
 import os
 import random
 import re
+import tempfile
+import time
 from collections import Counter
 
 import torch
@@ -450,3 +452,35 @@ class ToyWorld:
     def top1(self, retriever, n=512):
         q, d, _, gold = self.examples(n)
         return (dream.score(retriever, q, d).argmax(-1) == gold).float().mean().item()
+
+
+def train_toy(steps=250, batch_size=32, lr=1e-3, temperature=0.05, seed=0, log=print):
+    """train.py --toy: a frozen copying LM teaches a fresh retriever which document answers the
+    query, with no label. Returns the retriever's top-1 before and after."""
+    world = ToyWorld(seed=seed)
+    t0 = time.time()
+    lm = world.copying_lm(seed=seed)
+    q, d, y, gold = world.examples(512)
+    batch = dream.pack(world.tokenizer, q, d, y)
+    with torch.no_grad():
+        lm_alone = dream.biased_forward(lm, batch, torch.zeros(len(q), world.k)).logits
+    lm_acc = (lm_alone.argmax(-1) == batch.labels[batch.labels != -100]).float().mean().item()
+    log(f"frozen LM alone answers {lm_acc:.2f} of toy questions ({time.time() - t0:.0f}s to teach it)")
+    with tempfile.TemporaryDirectory() as folder:
+        retriever = world.fresh_retriever(folder, seed=seed)
+    before = world.top1(retriever)
+    log(f"retriever top-1 before: {before:.3f} (chance {1 / world.k:.3f})")
+    opt = torch.optim.AdamW(retriever.parameters(), lr=lr)
+    retriever.train()
+    for step in range(1, steps + 1):
+        q, d, y, _ = world.examples(batch_size)
+        loss = dream.dream_loss(lm, dream.pack(world.tokenizer, q, d, y), dream.score(retriever, q, d),
+                                temperature=temperature)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            log(f"step {step}: loss {loss.item():.3f}, top-1 {world.top1(retriever, 256):.3f}")
+    after = world.top1(retriever)
+    log(f"retriever top-1 after: {after:.3f} ({time.time() - t0:.0f}s in all)")
+    return before, after

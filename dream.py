@@ -32,8 +32,9 @@ relevance labels. Whichever document helps the LM predict y is pulled up.
 The retriever is any sentence-transformers model; score(retriever, queries, docs) gives its [B, k]
 cosines with grad. This is our reading of arXiv 2606.24667, whose equations are not public.
 
-Sections: 1 score-biased attention, 2 the frozen LM, 3 packing a batch, 4 the loss, 5 the retriever,
-6 finding the heads to bias (retrieval heads, as QRHead finds them).
+Sections: 1 score-biased attention, 2 the frozen LM, 3 packing a batch, 4 the loss, 5 the retriever.
+Finding the heads to bias (retrieval heads, as QRHead finds them) is heads.py. This file needs torch
+and transformers alone (sentence-transformers only to build a retriever).
 """
 import functools
 import math
@@ -42,7 +43,6 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -53,24 +53,24 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 @dataclass
-class DocBias:
+class ScoreBias:
     """What the attention layers need to know: the documents' weights, their columns, the heads."""
     log_p: torch.Tensor  # [B, k] log softmax(s / tau): the weight of each document
     in_doc: torch.Tensor  # [B, k, S] bool: which key columns are document i's
-    heads: dict          # layer index -> [H] float mask, 1.0 for a selected (biased) head
-    injection: str = "scale"  # "scale" or "set" (the module docstring)
+    heads: dict          # layer index -> [H] bool, True for a selected (biased) head, on the LM's device
+    reading: str = "scale"  # "scale" or "set" (the module docstring)
     hide: bool = False   # the query and target rows of every other head see no document
-    reached: int = 0     # how many biased layers saw it (a model that drops kwargs is caught)
+    biased_layers: int = 0  # layers with selected heads that received it (a model that drops kwargs is caught)
     attentions: dict = None  # layer -> [B, H, T, S] probabilities, when asked for
     reference: bool = False  # compute by hand even where torch's SDPA kernel gives the same result
 
-    def scale_bias(self):
-        """[B, 1, 1, S]: b_i = log p_i + log k on document i's columns, 0 elsewhere."""
+    def column_bias(self):
+        """scale: [B, 1, 1, S], b_i = log p_i + log k on document i's columns, 0 elsewhere."""
         b = self.log_p + math.log(self.log_p.shape[-1])
         return torch.einsum("bk,bks->bs", b, self.in_doc.to(b))[:, None, None]
 
-    def set_bias(self, logits):
-        """[B, H, T, S]: the bias that gives document i exactly p_i of the row's document mass M,
+    def row_bias(self, logits):
+        """set: [B, H, T, S], the bias that gives document i exactly p_i of the row's document mass M,
         each document keeping its own distribution: b_i = log p_i + log M - log m_i, where m_i is
         the mass the row's unbiased logits [B, H, T, S] (masked ones very negative) give it."""
         lse = torch.stack([logits.masked_fill(~self.in_doc[:, None, None, i], torch.finfo(logits.dtype).min)
@@ -83,63 +83,49 @@ def dream_attention(module, query, key, value, attention_mask, scaling=None, dro
                     score_bias=None, **kwargs):
     """Attention for one layer. query [B, H, T, D]; key, value [B, H_kv, S, D] (S >= T with a cache).
 
-    Layers the score bias does not touch go to the model's fast SDPA kernel unchanged."""
-    sb = score_bias
-    selected = sb.heads.get(module.layer_idx) if sb is not None else None
-    if selected is None and not (sb is not None and sb.hide):
+    The selected heads' rows get the reading's bias on the document columns; with hide, the other
+    heads' rows lose the document columns. A layer with nothing to do is the model's own SDPA."""
+    biased = score_bias is not None and module.layer_idx in score_bias.heads
+    if not biased and not (score_bias is not None and score_bias.hide):
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError(f"{type(module).__name__} uses attention softcapping or sinks, which "
                                   "the score-biased attention does not implement")
+    H, T, S = query.shape[1], query.shape[2], key.shape[-2]
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    B, H, T, S = *query.shape[:3], key.shape[-2]
+    selected = score_bias.heads[module.layer_idx] if biased else torch.zeros(H, dtype=torch.bool, device=query.device)
+    selected = selected[:, None, None]                                                 # [H, 1, 1]
+    # one boolean mask of the columns each row may read
     if attention_mask is None:  # transformers omits the mask when plain causal is enough
         attention_mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)
-    if attention_mask.dtype != torch.bool:  # an additive 0 / -inf mask: the columns it allows
+    elif attention_mask.dtype != torch.bool:  # an additive 0 / -inf mask
         attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
-    selected = (selected if selected is not None else torch.zeros(H)).to(query.device).bool()
-    if sb.hide:  # the other heads' query and target rows see no document: [B, H, T, S]
-        attention_mask = attention_mask & ~(sb.in_doc.any(1)[:, None, None] & ~selected[:, None, None])
-    if not selected.any():  # only hidden documents here: a plain (boolean) mask
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
-                                             dropout_p=dropout if module.training else 0.0, enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
-    sb.reached += 1
-    if sb.injection == "scale":  # the same bias in every row, in the selected heads only
-        with torch.autocast(query.device.type, enabled=False):  # the bias in fp32
-            bias = sb.scale_bias()
-        bias = bias if selected.all() else torch.where(selected[:, None, None], bias, 0.0)
-        if not sb.reference and sb.attentions is None:
-            # the same sum as below, inside torch's kernel: mask and bias as one float mask, in fp32
-            # (a bf16 mask would round the bias by up to 0.4%); the kernel keeps no [T, S]
-            # probabilities for the backward
-            dtype = torch.promote_types(query.dtype, torch.float32)
-            mask = torch.where(attention_mask, bias.to(dtype), torch.finfo(dtype).min)
-            q, k, v = (x.to(dtype) for x in (query, key, value))
-            if query.device.type == "cuda":  # on CUDA, GQA with a float mask goes to the math kernel
-                k, v = repeat_kv(k, H // k.shape[1]), repeat_kv(v, H // v.shape[1])
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
-                                                 dropout_p=dropout if module.training else 0.0, enable_gqa=True)
-            return out.to(query.dtype).transpose(1, 2).contiguous(), None
-    # by hand (and always for "set", whose bias needs the logits). at least fp32 from here,
-    # autocast off: in bf16 a bias of 0.05 would be lost on a logit of 10
+    if score_bias.hide:  # [B, H, T, S]: the unselected heads' rows lose the documents
+        attention_mask = attention_mask & ~(score_bias.in_doc.any(1)[:, None, None] & ~selected)
+    score_bias.biased_layers += biased
+    by_hand = biased and (score_bias.reading == "set" or score_bias.reference
+                          or score_bias.attentions is not None)
+    # at least fp32, autocast off: in bf16 a bias of 0.05 would be lost on a logit of 10
     dtype = torch.promote_types(query.dtype, torch.float32)
     with torch.autocast(query.device.type, enabled=False):
         # grouped-query attention: each key/value head serves H / H_kv query heads
-        key = repeat_kv(key, H // key.shape[1]).to(dtype)
-        value = repeat_kv(value, H // value.shape[1])
-        logits = (query.to(dtype) @ key.transpose(-1, -2)) * scaling                  # [B, H, T, S]
-        # finite fill: a fully masked row must not give NaN
-        logits = logits.masked_fill(~attention_mask, torch.finfo(dtype).min)
-        if sb.injection == "set":
-            bias = torch.where(selected[:, None, None], sb.set_bias(logits), 0.0)
-        probs = (logits + bias.to(dtype)).softmax(dim=-1).to(value.dtype)
-        probs = F.dropout(probs, p=dropout, training=module.training)
-        if sb.attentions is not None:
-            sb.attentions[module.layer_idx] = probs
-        out = probs @ value                                                            # [B, H, T, D]
-    return out.transpose(1, 2).contiguous(), probs
+        q, k, v = query.to(dtype), *(repeat_kv(x, H // x.shape[1]).to(dtype) for x in (key, value))
+        bias = score_bias.column_bias() if biased and score_bias.reading == "scale" else q.new_zeros(())
+        if not by_hand:  # torch's kernel, mask and bias as one float mask: no [T, S] probabilities kept
+            mask = torch.where(attention_mask, torch.where(selected, bias.to(dtype), 0.0), torch.finfo(dtype).min)
+            out, probs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
+                                                        dropout_p=dropout if module.training else 0.0), None
+        else:  # by hand: the probabilities are kept, or (set) the bias needs the logits
+            # finite fill: a fully masked row must not give NaN
+            logits = (q @ k.transpose(-1, -2) * scaling).masked_fill(~attention_mask, torch.finfo(dtype).min)
+            bias = score_bias.row_bias(logits) if score_bias.reading == "set" else bias
+            probs = (logits + torch.where(selected, bias.to(dtype), 0.0)).softmax(dim=-1)
+            probs = F.dropout(probs, p=dropout, training=module.training)
+            if score_bias.attentions is not None:
+                score_bias.attentions[module.layer_idx] = probs
+            out = probs @ v                                                              # [B, H, T, D]
+    return out.to(query.dtype).transpose(1, 2).contiguous(), probs
 
 
 # "dream" is an attention implementation like "sdpa": transformers calls it in every layer
@@ -148,7 +134,7 @@ AttentionMaskInterface.register("dream", sdpa_mask)
 
 
 def resolve_heads(lm, heads="all"):
-    """Turn a head selection into {layer: [H] 0/1 mask}. Accepted forms:
+    """Turn a head selection into {layer: [H] bool mask}, for the layers with a selected head. Accepted forms:
     "all"; a layer slice "20:30" or "-8:" (every head of those layers); "13-4,20-0" (layer-head
     pairs, the format of a saved head ranking); or a list of (layer, head) pairs."""
     L, H = lm.config.num_hidden_layers, lm.config.num_attention_heads
@@ -176,7 +162,7 @@ def resolve_heads(lm, heads="all"):
         if not (0 <= layer < L and 0 <= head < H):
             raise ValueError(f"head ({layer}, {head}) does not exist: the model has {L} layers "
                              f"of {H} heads (layers 0..{L - 1}, heads 0..{H - 1})")
-        masks.setdefault(layer, torch.zeros(H))[head] = 1.0
+        masks.setdefault(layer, torch.zeros(H, dtype=torch.bool))[head] = True
     return masks
 
 
@@ -361,10 +347,10 @@ def encode_prefix(lm, batch):
 
 
 def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_attentions=False,
-                   reference=False, prefix=None, injection="scale", hide_documents=False):
+                   reference=False, prefix=None, reading="scale", hide_documents=False):
     """Run the LM with the score bias; return its output with logits only where a target token
     is predicted (a flat [N, V] tensor, row order = batch order), not over the documents.
-    injection: "scale" (b_i = log p_i + log k) or "set" (document i gets p_i of the document mass).
+    reading: "scale" (b_i = log p_i + log k) or "set" (document i gets p_i of the document mass).
     hide_documents: the query and target rows of every unselected head see no document, so the
     documents reach the prediction only through the selected heads.
     output_attentions: out.attentions = {layer: [B, H, N, P + N] probabilities} of the biased
@@ -376,8 +362,8 @@ def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_atte
     if lm.config._attn_implementation != "dream":
         raise ValueError("this LM has no score-biased attention: load it with load_frozen_lm() "
                          "or call prepare_lm(lm) first")
-    if injection not in ("scale", "set"):
-        raise ValueError(f"injection={injection!r}: choose 'scale' or 'set'")
+    if reading not in ("scale", "set"):
+        raise ValueError(f"reading={reading!r}: choose 'scale' or 'set'")
     B, k = batch.spans.shape[:2]
     if scores.shape != (B, k):
         raise ValueError(f"scores has shape {tuple(scores.shape)}, the batch has {B} queries "
@@ -402,32 +388,32 @@ def biased_forward(lm, batch, scores, heads="all", temperature=0.05, output_atte
     predicts_target = torch.zeros_like(suffix_mask)
     predicts_target[:, :-1] = labels[:, 1:] != -100
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
-    masks = resolve_heads(lm, heads)  # on the CPU: a layer asks whether all its heads are biased
-    sb = DocBias(F.log_softmax(scores / temperature, dim=-1), document_columns(batch.spans, P + N), masks,
-                 injection, hide_documents, attentions={} if output_attentions else None, reference=reference)
+    masks = {layer: m.to(scores.device) for layer, m in resolve_heads(lm, heads).items()}  # moved once, not per layer
+    score_bias = ScoreBias(F.log_softmax(scores / temperature, dim=-1), document_columns(batch.spans, P + N), masks,
+                           reading, hide_documents, attentions={} if output_attentions else None, reference=reference)
     out = lm(input_ids=batch.input_ids.gather(1, where), position_ids=where,
              attention_mask=torch.cat([prefix_mask, suffix_mask], 1).long(), cache=cache,
-             use_cache=False, score_bias=sb, logits_to_keep=predicts_target)  # read, not extended
-    if sb.reached < len(masks):
+             use_cache=False, score_bias=score_bias, logits_to_keep=predicts_target)  # read, not extended
+    if score_bias.biased_layers < len(masks):
         raise RuntimeError(f"{type(lm).__name__} did not pass the bias to its attention layers "
-                           f"({sb.reached} of {len(masks)} reached): it does not forward "
+                           f"({score_bias.biased_layers} of {len(masks)} layers reached): it does not forward "
                            "attention kwargs, so DREAM cannot bias it")
     out.logits = out.logits.reshape(-1, out.logits.shape[-1])
-    out.attentions = sb.attentions
+    out.attentions = score_bias.attentions
     return out
 
 
 def dream_loss(lm, batch, scores, heads="all", temperature=0.05, reduction="mean", reference=False,
-               prefix=None, injection="scale", hide_documents=False):
+               prefix=None, reading="scale", hide_documents=False):
     """Next-token cross-entropy on the targets, with the attention biased by the scores [B, k].
 
     reduction="mean": the mean over examples of each example's mean over its target tokens;
-    "none": that per-example loss, shape [B]. reference, prefix, injection, hide_documents: see
+    "none": that per-example loss, shape [B]. reference, prefix, reading, hide_documents: see
     biased_forward."""
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction={reduction!r}: choose 'mean' or 'none'")
     logits = biased_forward(lm, batch, scores, heads, temperature, reference=reference, prefix=prefix,
-                            injection=injection, hide_documents=hide_documents).logits
+                            reading=reading, hide_documents=hide_documents).logits
     targets = batch.labels[:, 1:]
     is_target = targets != -100
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -505,77 +491,3 @@ def score(retriever, queries, docs):
     d = embed(retriever, [text for ds in docs for text in ds]).view(len(docs), len(docs[0]), -1)
     with torch.autocast(d.device.type, enabled=False):  # fp32 cosines: bf16 would round s/tau by ~0.08
         return torch.einsum("bd,bkd->bk", embed(retriever, queries), d)
-
-
-# -----------------------------------------------------------------------------
-# 6. finding retrieval heads (QRHead, Zhang et al. 2025)
-
-
-@torch.no_grad()
-def document_attention(lm, batch, scores=None, heads="all", temperature=0.05, rows="query"):
-    """[L', H, B, k]: the attention each head of the L' layers that heads selects pays to each
-    document (summed over its tokens), averaged over the rows: the query's tokens ("query"), or
-    the query's and the target's ("suffix"). scores: bias the LM with them (None: the LM as it is)."""
-    B, k = batch.spans.shape[:2]
-    scores = torch.zeros(B, k, device=batch.input_ids.device) if scores is None else scores
-    out = biased_forward(lm, batch, scores, heads, temperature, output_attentions=True)
-    docs_end = batch.spans[:, -1, 1]
-    P = int(docs_end.max())
-    end = (batch.labels != -100).int().argmax(1) if rows == "query" else batch.attention_mask.sum(1)
-    n_rows = end - docs_end                                                         # [B]
-    N = next(iter(out.attentions.values())).shape[2]
-    is_row = (torch.arange(N, device=docs_end.device) < n_rows[:, None]).float()   # [B, N]
-    in_doc = document_columns(batch.spans, P).float()                             # [B, k, P]
-    mass = []
-    for layer in sorted(out.attentions):
-        per_doc = out.attentions[layer][..., :P].float() @ in_doc.transpose(1, 2)[:, None]  # [B, H, N, k]
-        mass.append(torch.einsum("bhnk,bn->hbk", per_doc, is_row) / n_rows[:, None].float())
-    return torch.stack(mass)
-
-
-def rank_heads(lm, tok, queries, docs, targets, useful, null_query="N/A", max_doc_tokens=128,
-               batch_size=4, progress=False):
-    """[L, H] head scores: how well each head's attention from the query finds the useful document.
-
-    A head ranks the k candidates by the attention mass its query rows put on each, less the mass
-    it puts there for null_query (what the head gives a document for its position alone, not for
-    the query); its score is the mean reciprocal rank of the useful document (an index per query)."""
-    device = next(lm.parameters()).device
-    total = 0.0
-    for i in tqdm(range(0, len(queries), batch_size), desc="ranking heads", disable=not progress):
-        part = slice(i, i + batch_size)
-        n = len(queries[part])
-        real = document_attention(lm, pack(tok, queries[part], docs[part], targets[part], max_doc_tokens).to(device))
-        null = document_attention(lm, pack(tok, [null_query] * n, docs[part], targets[part],
-                                           max_doc_tokens).to(device))
-        calibrated = real - null                                                    # [L, H, n, k]
-        u = torch.as_tensor(useful[part], device=device)
-        useful_mass = calibrated.gather(-1, u[None, None, :, None].expand(*calibrated.shape[:3], 1))
-        # ties share their ranks: a head that cannot tell the documents apart is not rewarded
-        rank = 1 + (calibrated > useful_mass).sum(-1) + 0.5 * ((calibrated == useful_mass).sum(-1) - 1)
-        total = total + (1.0 / rank).sum(-1)
-    return (total / len(queries)).cpu()
-
-
-def top_heads(scores, n):
-    """The n best heads of rank_heads' [L, H] scores as a "layer-head,..." string, best first."""
-    best = scores.flatten().argsort(descending=True)[:n].tolist()
-    return ",".join(f"{i // scores.shape[1]}-{i % scores.shape[1]}" for i in best)
-
-
-@torch.no_grad()
-def leave_one_out(lm, tok, queries, docs, targets, max_doc_tokens=128, batch_size=4, progress=False):
-    """The useful document without labels: for each query, the index of the candidate whose
-    removal raises the frozen LM's loss on the target most."""
-    k = len(docs[0])
-    if k < 3:
-        raise ValueError(f"leave_one_out: k = {k}; removing one document must leave at least two")
-    device = next(lm.parameters()).device
-    useful = []
-    for i in tqdm(range(0, len(queries), batch_size), desc="leave one out", disable=not progress):
-        q, d, y = queries[i:i + batch_size], docs[i:i + batch_size], targets[i:i + batch_size]
-        without = [dream_loss(lm, pack(tok, q, [ds[:j] + ds[j + 1:] for ds in d], y, max_doc_tokens).to(device),
-                              torch.zeros(len(q), k - 1, device=device), reduction="none")
-                   for j in range(k)]
-        useful += torch.stack(without, 1).argmax(1).tolist()
-    return useful

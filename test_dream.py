@@ -26,7 +26,11 @@ import data
 import dream
 import eval as beir_eval
 from data import ToyWorld
-from train import train_toy
+from data import train_toy
+import config
+import heads
+import objectives
+import train
 
 # gpu_check.py runs the method's tests on a GPU: DREAM_TEST_DEVICE=cuda builds every model and tensor there
 if os.environ.get("DREAM_TEST_DEVICE", "cpu") != "cpu":
@@ -34,8 +38,8 @@ if os.environ.get("DREAM_TEST_DEVICE", "cpu") != "cpu":
 WORLD = ToyWorld(n_keys=8, n_values=8, k=3)
 TOK = WORLD.tokenizer
 V = len(TOK)
-# the injections dream.py implements, and the switch that hides the documents from the other heads
-READINGS = [{}, {"hide_documents": True}, {"injection": "set"}, {"injection": "set", "hide_documents": True}]
+# the readings dream.py implements, and the switch that hides the documents from the other heads
+READINGS = [{}, {"hide_documents": True}, {"reading": "set"}, {"reading": "set", "hide_documents": True}]
 
 
 def tiny_lm(kind, dtype=torch.float32, seed=0):
@@ -131,7 +135,7 @@ def test_bias_reweights_document_mass_by_softmax(kind):
 def test_equal_scores_give_zero_bias_and_bias_is_log_k_times_softmax():
     s = torch.tensor([[0.2, 0.2, 0.2, 0.2], [1.0, 0.0, -1.0, 0.5]])
     one_column_each = torch.eye(4, dtype=torch.bool).expand(2, 4, 4)  # document i is column i
-    b = dream.DocBias(F.log_softmax(s / 0.1, -1), one_column_each, {}).scale_bias()[:, 0, 0]  # [2, 4]
+    b = dream.ScoreBias(F.log_softmax(s / 0.1, -1), one_column_each, {}).column_bias()[:, 0, 0]  # [2, 4]
     assert torch.equal(b[0], torch.zeros(4))
     assert torch.allclose(b[1].exp(), 4 * torch.softmax(s[1] / 0.1, dim=-1))
 
@@ -153,7 +157,7 @@ def test_set_gives_each_document_its_softmax_share_of_the_unbiased_mass(kind, hi
     probs = lambda s, **kw: dream.biased_forward(lm, batch, s, heads=[(0, h) for h in selected], temperature=tau,
                                                  output_attentions=True, **kw).attentions[0]
     p0 = probs(torch.zeros(3, 3))  # scale at equal scores: the LM itself
-    p1 = probs(scores, injection="set", hide_documents=hide)
+    p1 = probs(scores, reading="set", hide_documents=hide)
     n_rows = batch.attention_mask.sum(1) - batch.spans[:, -1, 1]
     real = torch.arange(p0.shape[2]) < n_rows[:, None]  # [B, N]: rows of real suffix tokens
     m0, m1 = document_masses(p0, batch.spans), document_masses(p1, batch.spans)  # [B, H, N, k]
@@ -180,7 +184,7 @@ def test_set_gives_each_document_its_softmax_share_of_the_unbiased_mass(kind, hi
 def test_set_at_equal_scores_gives_every_document_the_same_share():
     lm = dream.prepare_lm(tiny_lm("llama"))
     batch = dream.pack(TOK, *toy_batch())
-    p = dream.biased_forward(lm, batch, torch.zeros(3, 3), heads="0-1", injection="set",
+    p = dream.biased_forward(lm, batch, torch.zeros(3, 3), heads="0-1", reading="set",
                              output_attentions=True).attentions[0]
     m = document_masses(p, batch.spans)[:, 1]  # [B, N, k]
     assert torch.allclose(m, m.mean(-1, keepdim=True).expand_as(m), atol=1e-6)
@@ -530,7 +534,6 @@ def tiny_training_setup(tmp_path):
 
 
 def test_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch):
-    import train
     cfg = tiny_training_setup(tmp_path)
     quiet = lambda *_: None
     whole, _ = train.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "whole")), log=quiet)
@@ -554,7 +557,6 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    import train
     cfg = tiny_training_setup(tmp_path)
     real_loss, calls = dream.dream_loss, []
     def nan_at_step_4(*args, **kwargs):
@@ -972,22 +974,21 @@ def test_pack_refuses_a_tokenizer_with_nothing_to_start_with():
 
 
 def test_scores_centring_and_infonce_logits_stay_fp32_under_bf16_autocast(tmp_path):
-    import train
     retriever = dream.load_retriever(tiny_encoder_folder(tmp_path))
     queries, docs, _ = toy_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert dream.score(retriever, queries, docs).dtype == torch.float32
     e = F.normalize(torch.randn(12, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
     model = lambda texts: e[:len(texts)]  # fixed fp32 embeddings: only the products differ
-    fp32 = train.centered_scores(model, queries, docs)
+    fp32 = objectives.centered_scores(model, queries, docs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        centred = train.centered_scores(model, queries, docs)
+        centred = objectives.centered_scores(model, queries, docs)
     assert centred.dtype == torch.float32 and torch.equal(centred, fp32)
     qs = [{"query": q, "gold": 0, "candidates": [0, 1, 2]} for q in queries]
-    cfg = train.Config(k=3, temperature=0.05)
-    loss = train.infonce_loss(cfg, model, qs, ["a", "b", "c"], [0, 1, 2])[0]
+    cfg = config.Config(k=3, temperature=0.05)
+    loss = objectives.infonce_loss(cfg, model, qs, ["a", "b", "c"], [0, 1, 2])[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(train.infonce_loss(cfg, model, qs, ["a", "b", "c"], [0, 1, 2])[0], loss)
+        assert torch.equal(objectives.infonce_loss(cfg, model, qs, ["a", "b", "c"], [0, 1, 2])[0], loss)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -1005,7 +1006,6 @@ def test_the_bias_reaches_the_kernel_in_fp32_from_a_bf16_lm(kind, monkeypatch):
 
 
 def test_checkpoints_keep_the_gpu_random_state_too(monkeypatch):
-    import train
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     restored = []
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([7], dtype=torch.uint8))
@@ -1032,7 +1032,7 @@ tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token='[PAD]', unk_t
 lm = dream.prepare_lm(LlamaForCausalLM(LlamaConfig(vocab_size=10, hidden_size=16, intermediate_size=32,
     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None)))
 s = torch.tensor([[0.3, -0.2, 0.1]], requires_grad=True)
-dream.dream_loss(lm, dream.pack(tok, ['q'], [['a', 'b', 'c']], ['y']), s, injection='set').backward()
+dream.dream_loss(lm, dream.pack(tok, ['q'], [['a', 'b', 'c']], ['y']), s, reading='set').backward()
 assert s.grad.abs().sum() > 0
 print('ok')"""
     import subprocess
@@ -1044,13 +1044,12 @@ print('ok')"""
 def test_attention_softcapping_is_refused():
     lm = dream.prepare_lm(tiny_lm("llama"))
     q = k = v = torch.randn(1, 4, 3, 8)
-    bias = dream.DocBias(torch.zeros(1, 2), torch.zeros(1, 2, 3, dtype=torch.bool), {0: torch.ones(4)})
+    bias = dream.ScoreBias(torch.zeros(1, 2), torch.zeros(1, 2, 3, dtype=torch.bool), {0: torch.ones(4)})
     with pytest.raises(NotImplementedError, match="softcapping"):
         dream.dream_attention(lm.model.layers[0].self_attn, q, k, v, None, score_bias=bias, softcap=30.0)
 
 
 def test_resume_refuses_other_settings(tmp_path):
-    import train
     cfg = tiny_training_setup(tmp_path)
     train.train(dataclasses.replace(cfg, steps=3), log=lambda *_: None)
     with pytest.raises(SystemExit, match="other settings.*'lr': \\(0.001, 0.01\\)"):
@@ -1200,7 +1199,6 @@ def test_decoder_retriever_reads_the_chat_template_unless_told_not_to(tmp_path):
 
 
 def test_decoder_preset_sets_the_paper_retriever_and_flags_given_win():
-    import train
     _, cfg = train.parse_args(["--decoder"])
     assert (cfg.encoder, cfg.pooling, cfg.lora, cfg.lr, cfg.out_dir) == ("lm", "last", 16, 1e-3, "out/decoder")
     _, cfg = train.parse_args(["--decoder", "--lr", "3e-5", "--out-dir", "mine", "--lora=4"])
@@ -1209,13 +1207,12 @@ def test_decoder_preset_sets_the_paper_retriever_and_flags_given_win():
     assert (cfg.encoder, cfg.pooling, cfg.lora, cfg.out_dir) == ("auto", "", 0, "out/small")
     quiet = lambda *_: None
     gguf = os.path.join("pkg", "SmolLM2-135M-Instruct.Q4_1.gguf")  # the retriever: the folder load_lm converts it to
-    assert train.resolve_models(dataclasses.replace(cfg, lm=gguf, encoder="lm"), quiet)[1] == train.converted(gguf)
-    assert train.resolve_models(dataclasses.replace(cfg, lm="some/folder", encoder="lm"), quiet) == ("some/folder",) * 2
+    assert config.resolve_models(dataclasses.replace(cfg, lm=gguf, encoder="lm"), quiet)[1] == config.converted(gguf)
+    assert config.resolve_models(dataclasses.replace(cfg, lm="some/folder", encoder="lm"), quiet) == ("some/folder",) * 2
 
 
 def test_decoder_retriever_trains_from_the_lm_and_its_folder_embeds_as_in_training(tmp_path):
     from sentence_transformers import SentenceTransformer
-    import train
     cfg = tiny_training_setup(tmp_path)
     PreTrainedTokenizerFast(tokenizer_object=TOK.backend_tokenizer, pad_token="[PAD]", unk_token="[UNK]",
                             eos_token="Answer").save_pretrained(cfg.lm)  # a decoder's tokenizer has an EOS
@@ -1245,7 +1242,6 @@ def as_flags(cfg):
 
 def test_torchrun_two_processes_train_as_one(tmp_path):
     import subprocess
-    import train
     from safetensors.torch import load_file
     cfg = tiny_training_setup(tmp_path)
     config_file = os.path.join(cfg.encoder, "config.json")
@@ -1318,11 +1314,11 @@ def test_rank_heads_scores_by_calibrated_mass(monkeypatch):
         real = (~is_null).float()[:, None] * bump
         heads = [position + real, position.expand(3, 3), real]
         return torch.stack(heads)[None]                                    # [L=1, H=3, n, k]
-    monkeypatch.setattr(dream, "document_attention", fake_attention)
+    monkeypatch.setattr(heads, "document_attention", fake_attention)
     queries, docs, targets = toy_batch()
-    scores = dream.rank_heads(dream.prepare_lm(tiny_lm("llama")), TOK, queries, docs, targets, useful, batch_size=3)
+    scores = heads.rank_heads(dream.prepare_lm(tiny_lm("llama")), TOK, queries, docs, targets, useful, batch_size=3)
     assert torch.allclose(scores, torch.tensor([[1.0, (1 / 2 + 1 / 2 + 1 / 2) / 3, 1.0]]))
-    assert dream.top_heads(scores, 2) in ("0-0,0-2", "0-2,0-0")
+    assert heads.top_heads(scores, 2) in ("0-0,0-2", "0-2,0-0")
 
 
 
@@ -1335,14 +1331,14 @@ def copying_lm():
 
 def test_leave_one_out_finds_the_document_the_lm_reads(copying_lm):
     queries, docs, targets, gold = WORLD.examples(48)  # the target is the gold document's value
-    useful = dream.leave_one_out(copying_lm, TOK, queries, docs, targets, batch_size=16)
+    useful = heads.leave_one_out(copying_lm, TOK, queries, docs, targets, batch_size=16)
     assert (torch.tensor(useful) == gold).float().mean() >= 0.9
 
 
 def test_document_attention_sums_the_query_rows_attention_per_document():
     lm = dream.prepare_lm(tiny_lm("llama"))
     batch = dream.pack(TOK, *toy_batch())
-    mass = dream.document_attention(lm, batch)                              # [L, H, B, k]
+    mass = heads.document_attention(lm, batch)                              # [L, H, B, k]
     att = dream.biased_forward(lm, batch, torch.zeros(3, 3), output_attentions=True).attentions
     b, layer, head = 1, 1, 3
     docs_end = int(batch.spans[b, -1, 1])
@@ -1380,12 +1376,11 @@ def toy_questions(queries, docs, targets):
 
 
 def test_replug_matches_the_lm_per_document_and_pulls_every_candidate(tmp_path):
-    import train
     cfg = dataclasses.replace(tiny_training_setup(tmp_path), loss="replug", k=3, beta=0.5)
     lm = dream.prepare_lm(tiny_lm("llama"))
     queries, docs, targets = toy_batch()
     questions, doc_ids = toy_questions(queries, docs, targets)
-    nll = train.nll_per_document(lm, TOK, questions, doc_ids, [0, 1, 2], cfg, "cpu")
+    nll = objectives.nll_per_document(lm, TOK, questions, doc_ids, [0, 1, 2], cfg, "cpu")
     for b in range(3):
         for i in range(3):  # the LM alone, one document in its context
             alone = dream.pack(TOK, [queries[b]], [[docs[b][i]]], [targets[b]])
@@ -1394,7 +1389,7 @@ def test_replug_matches_the_lm_per_document_and_pulls_every_candidate(tmp_path):
             assert abs(nll[b, i].item() - want.item()) <= 1e-5
     scores = torch.zeros(3, 3, requires_grad=True)
     passages = {j: "" for j in doc_ids}  # the retriever below ignores the texts
-    loss, _ = train.step_loss(cfg, lm, TOK, lambda q, d: scores * 1.0, questions, passages, doc_ids, [0, 1, 2], "cpu")
+    loss, _ = objectives.step_loss(cfg, lm, TOK, lambda q, d: scores * 1.0, questions, passages, doc_ids, [0, 1, 2], "cpu")
     loss.backward()
     q = F.softmax(-nll / cfg.beta, -1)
     assert abs(loss.item() - (q * (q.log() + math.log(3))).sum(-1).mean().item()) <= 1e-5  # KL(Q || uniform)
@@ -1479,15 +1474,15 @@ def test_compare_runs_each_reading_as_a_method_and_retrains_what_another_dream_p
                  out_dir=str(tmp_path / "cmp"), k=3, steps=2, batch_size=2, warmup_steps=1, dev_questions=10,
                  test_questions=10, val_loss_questions=4, health_every=0, checkpoint_every=2, seed=0)
     flags = dict(grid_lr="1e-3", grid_temperature="0.05", grid_heads="1:", seeds=1, methods=["dream", "replug"],
-                 grid_injection="scale,set+hide")
+                 grid_reading="scale,set+hide")
     trained, logged = [], []
     real_train = compare.train
     monkeypatch.setattr(compare, "train", lambda c, log: trained.append(c) or real_train(c, log))
     final = compare.compare(cfg, **flags, log=logged.append)
     assert set(final) == {"start encoder", "DREAM", "DREAM (set+hide)", "REPLUG-LSR", "BM25"}
     run = next(c for c in trained if "dream_set-hide_lr" in c.out_dir)
-    assert (run.injection, run.hide_documents, run.heads) == ("set", True, "1:")  # layer 0: hidden
-    assert all((c.injection, c.hide_documents) == ("scale", False) for c in trained if "set-hide" not in c.out_dir)
+    assert (run.reading, run.hide_documents, run.heads) == ("set", True, "1:")  # layer 0: hidden
+    assert all((c.reading, c.hide_documents) == ("scale", False) for c in trained if "set-hide" not in c.out_dir)
     text = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| vs start encoder | vs REPLUG-LSR | vs DREAM |" in text
     assert re.search(r"\| DREAM \(set\+hide\) \| 0 \|( [^|]+ \|){3} [+-]\d\.\d{4} \[", text)  # vs DREAM filled
@@ -1506,8 +1501,8 @@ def test_compare_runs_each_reading_as_a_method_and_retrains_what_another_dream_p
     trained.clear()
     compare.compare(cfg, **flags, log=logged.append)
     assert [c.out_dir for c in trained] == [str(path.parent)]
-    with pytest.raises(ValueError, match="--grid-injection scale,half: choose from scale,set"):
-        compare.compare(cfg, **{**flags, "grid_injection": "scale,half"}, log=lambda *_: None)
+    with pytest.raises(ValueError, match="--grid-reading scale,half: choose from scale,set"):
+        compare.compare(cfg, **{**flags, "grid_reading": "scale,half"}, log=lambda *_: None)
 
 
 # -----------------------------------------------------------------------------
@@ -1602,10 +1597,9 @@ def test_passages_keep_every_answer_inside_and_refuse_an_empty_paragraph():
 
 
 def test_prefix_store_gives_the_loss_and_gradient_of_a_fresh_prefix():
-    import train
     lm = dream.prepare_lm(tiny_lm("llama"))
     queries, docs, targets = toy_batch()
-    store = train.PrefixStore()
+    store = objectives.PrefixStore()
     full = dream.pack(TOK, queries, docs, targets)
     store(lm, full, [tuple(d) for d in docs], max_gb=1)  # every example stored
     pair = dream.pack(TOK, queries[1:], docs[1:], targets[1:])  # reassembled in another batch
@@ -1622,14 +1616,13 @@ def test_prefix_store_gives_the_loss_and_gradient_of_a_fresh_prefix():
 
 
 def test_question_normalised_dream_gives_every_question_a_unit_gradient(tmp_path):
-    import train
     cfg = dataclasses.replace(tiny_training_setup(tmp_path), k=3, normalize="question")
     lm = dream.prepare_lm(tiny_lm("llama"))
     queries, docs, targets = toy_batch()
     questions, doc_ids = toy_questions(queries, docs, targets)
     passages = {j: "" for j in doc_ids}
     scores = torch.tensor([[0.1, 0.0, -0.1], [0.2, 0.3, 0.0], [0.0, 0.0, 0.1]], requires_grad=True)
-    loss, _ = train.step_loss(cfg, lm, TOK, lambda q, d: scores * 1.0, questions, passages, doc_ids, [0, 1, 2], "cpu")
+    loss, _ = objectives.step_loss(cfg, lm, TOK, lambda q, d: scores * 1.0, questions, passages, doc_ids, [0, 1, 2], "cpu")
     loss.backward()
     plain = scores.detach().requires_grad_()
     want = dream.dream_loss(lm, dream.pack(TOK, queries, docs, targets), plain)
@@ -1639,7 +1632,6 @@ def test_question_normalised_dream_gives_every_question_a_unit_gradient(tmp_path
 
 
 def test_centred_scores_take_off_what_the_other_queries_give_each_document(tmp_path):
-    import train
     torch.manual_seed(0)
     e = F.normalize(torch.randn(3 + 6, 8), dim=-1)
     model = lambda texts: e[[int(t) for t in texts]]
@@ -1647,9 +1639,9 @@ def test_centred_scores_take_off_what_the_other_queries_give_each_document(tmp_p
     s = e[:3] @ e[3:].T  # every query against every document
     want = torch.tensor([[s[b, 2 * b + j] - (s[:, 2 * b + j].sum() - s[b, 2 * b + j]) / 2 for j in range(2)]
                          for b in range(3)])
-    torch.testing.assert_close(train.centered_scores(model, queries, docs), want)
+    torch.testing.assert_close(objectives.centered_scores(model, queries, docs), want)
     e[1], e[2] = e[0], e[0]  # every query alike: what each gives a document, the others give it too
-    assert train.centered_scores(model, queries, docs).abs().max() < 1e-6
+    assert objectives.centered_scores(model, queries, docs).abs().max() < 1e-6
     cfg = dataclasses.replace(tiny_training_setup(tmp_path), center=True, batch_size=1)
     with pytest.raises(ValueError, match="--center.*--batch-size 1"):
         train.train(cfg)
@@ -1710,11 +1702,10 @@ def test_corpus_siblings_give_other_passages_of_the_same_document_but_never_its_
         assert len(q["candidates"]) == cfg.k and len(own) == 1, q  # one sibling, k - 1 other documents
         assert own[0] != q["passage"] and q["target"] in passages[q["passage"]]  # never the passage it continues
         assert q["target"] not in passages[own[0]] and q["sibling"] == own[0]
-    import train  # --loss infonce: the sibling is the positive (each query here embeds as its sibling)
     qs, width = train_qs[:2], len(passages) + 1
     place = {**{p: j for j, p in enumerate(passages)}, **{q["query"]: q["sibling"] for q in qs}}
     embed = lambda texts: F.one_hot(torch.tensor([place[t] for t in texts]), width).float()
-    loss, tops = train.infonce_loss(cfg, embed, qs, passages, [0, 1])
+    loss, tops = objectives.infonce_loss(cfg, embed, qs, passages, [0, 1])
     assert loss.item() < 1e-6 and tops == [q["sibling"] for q in qs]
     lines = []  # the probe asks about the sibling: the only passage of the example's own document
     result = compare.signal_probe(dataclasses.replace(cfg, out_dir=str(tmp_path / "probe")), 4, lines.append)
@@ -1739,7 +1730,6 @@ def test_beir_sets_with_dev_add_a_folders_dev_queries_and_never_halve_its_test_q
 
 
 def test_a_tiny_corpus_trains_end_to_end_and_reports_dev_and_test_halves(tmp_path):
-    import train
     cfg = corpus_config(tmp_path, toy_collection(tmp_path), steps=3, checkpoint_every=3)
     retriever, report = train.train(cfg, log=lambda *_: None)
     for when in ("before", "after"):
@@ -1836,7 +1826,6 @@ def test_corpus_errors_name_the_file_and_the_fix(tmp_path):
 
 
 def test_every_flag_explains_itself_with_its_default_and_choices(capsys, monkeypatch):
-    import train
     monkeypatch.setenv("COLUMNS", "1000")  # each flag's help on one line
 
     def help_of(main, argv):
@@ -1848,7 +1837,7 @@ def test_every_flag_explains_itself_with_its_default_and_choices(capsys, monkeyp
     code, text = help_of(train.parse_args, ["--help"])
     assert code == 0
     assert re.search(r"--loss \{dream,replug,infonce\}\s+dream; or the baselines .*\(default: dream\)", text), text
-    for f in dataclasses.fields(train.Config):  # the help and the choices are written once, on the field
+    for f in dataclasses.fields(config.Config):  # the help and the choices are written once, on the field
         flag = "--" + f.name.replace("_", "-")
         assert re.search(rf"^  {flag}[ ,\[]", text, re.M), flag
         assert f.metadata["help"] in text and "(default: " in text.split(f.metadata["help"], 1)[1][:60], flag
@@ -1862,9 +1851,9 @@ def test_every_flag_explains_itself_with_its_default_and_choices(capsys, monkeyp
     code, text = help_of(train.parse_args, ["--small", "--loss", "bm25"])  # a bad choice: argparse names the choices
     assert code == 2 and "argument --loss: invalid choice: 'bm25' (choose from 'dream', 'replug', 'infonce')" in text
     with pytest.raises(ValueError, match=r"--pooling 'max': choose '', mean, cls, last"):  # from Python, no argparse
-        train.train(train.Config(pooling="max"))
+        train.train(config.Config(pooling="max"))
     with pytest.raises(ValueError, match=r"--head-source 'labels': choose gold, loo"):
-        train.train(train.Config(head_source="labels"))
+        train.train(config.Config(head_source="labels"))
 
     monkeypatch.setattr(sys, "argv", ["compare.py", "--help"])
     code, text = help_of(lambda _: compare.main(), None)
@@ -1884,7 +1873,6 @@ def test_gpu_check_builds_its_table_and_json_from_the_checks_results(tmp_path, m
     their own, no GPU stops it (exit 2) unless --allow-cpu, and a real timeout kills a whole group."""
     import time
     import gpu_check
-    import train
     calls, results, real_run = [], {}, gpu_check.run
 
     def fake_run(cmd, env, timeout):
