@@ -1,7 +1,8 @@
 # make train set up .venv (first run only), then python train.py --small
 # make toy   set up .venv (first run only), then train the toy retriever
-# make test  set up .venv (first run only), then run the tests
-# make gpu-check  on a machine with one CUDA GPU: the tests on CUDA, short bf16 runs, one table (< 8 min)
+# make test  set up .venv (first run only), then run every test (pytest test_dream.py: the method's proofs alone)
+# make bench the speed and memory ratios of a DREAM step (bench.py)
+# make gpu-check  on a machine with one CUDA GPU: the method's tests on CUDA, short bf16 runs, one table
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
@@ -28,7 +29,7 @@ toy: setup
 	$(BIN)/python train.py --toy
 
 test: setup
-	$(BIN)/python -m pytest test_dream.py -q
+	$(BIN)/python -m pytest -q test_*.py
 
 bench: setup
 	$(BIN)/python bench.py

