@@ -89,7 +89,7 @@ def peak_memory(fn):
     return peak - base
 
 
-def main(argv=None):
+def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.add_argument("--repeats", type=int, default=5)
@@ -101,7 +101,7 @@ def main(argv=None):
     parser.add_argument("--encoder", default="auto", help="the retriever (auto: the offline MiniLM package)")
     parser.add_argument("--memory-of", choices=["forward", "step", "step-checkpointed"],
                         help=argparse.SUPPRESS)  # a child run measures one of them
-    args = parser.parse_args(argv)
+    args = parser.parse_args()
     say = (lambda *a: None) if args.json else print
     torch.manual_seed(0)
 
