@@ -16,6 +16,11 @@ decoder_step_vs_lm_forward, decoder_encode_vs_minilm_encode: the same with the r
     train.py --decoder (a LoRA rank-16 copy of the LM, last-token pooling): a DREAM step / a plain LM
     forward, and SentenceTransformer.encode of the step's documents / all-MiniLM-L6-v2's.
 
+replug_step_vs_dream_step, adist_step_vs_dream_step, loop_step_vs_dream_step, emdr_step_vs_dream_step:
+    a training step of each label-free baseline (objectives.step_loss: the frozen LM's target
+    computed afresh, as for a question not seen before, then the backward into the retriever) / a
+    DREAM step through the same function (its documents' keys and values computed afresh too).
+
 Also printed: biased_sdpa_vs_sdpa (SDPA with the bias as its float mask / plain SDPA), the step
 with each attention path (dream_step_by_hand_vs_lm_forward, dream_step_fused_vs_lm_forward; the
 second is the default, dream_step_vs_lm_forward) and
@@ -42,6 +47,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import dream
+import objectives
 from eval import find_file, ids_and_texts, read_jsonl
 from config import Config, load_lm, resolve_models
 
@@ -183,6 +189,25 @@ def main():
     say(f"decoder retriever: DREAM step {t_decoder_step * 1e3:.0f} ms; encoding {len(flat)} documents "
         f"{t_decoder_encode * 1e3:.0f} ms (all-MiniLM-L6-v2 {t_minilm_encode * 1e3:.0f} ms)")
 
+    # a step of each objective through train.py's own step function, nothing the LM computed kept
+    questions = [{"query": q_, "target": y, "candidates": list(range(b * k, (b + 1) * k)), "gold": None}
+                 for b, (q_, y) in enumerate(zip(queries, targets))]
+    passages = dict(enumerate(flat))
+    doc_ids = {j: tok(text, add_special_tokens=False)["input_ids"] for j, text in passages.items()}
+    scorer = objectives.Scorer(retriever)
+    def objective_step(loss):
+        for cache in (objectives.NLLS, objectives.LOOPS, objectives.TOKEN_NLLS, objectives.PREFIXES.items):
+            cache.clear()
+        objectives.PREFIXES.bytes = 0
+        cfg = Config(loss=loss, k=k, max_doc_tokens=128, heads=args.heads)
+        retriever.zero_grad(set_to_none=True)
+        with autocast:
+            value, _ = objectives.step_loss(cfg, lm, tok, scorer, questions, passages, doc_ids, range(B), device)
+        value.backward()
+    t_objective = {loss: timed(lambda: objective_step(loss), args.repeats)
+                   for loss in ("dream", "replug", "adist", "loop", "emdr")}
+    say("a step of each objective: " + ", ".join(f"{loss} {t * 1e3:.0f} ms" for loss, t in t_objective.items()))
+
     child = [sys.executable, __file__, "--batch-size", str(B), "--k", str(k), f"--heads={args.heads}",
              "--data-dir", args.data_dir, "--lm", args.lm, "--encoder", args.encoder, "--memory-of"]
     memory = {which: int(subprocess.run(child + [which], capture_output=True, text=True, check=True)
@@ -200,7 +225,9 @@ def main():
               "biased_sdpa_vs_sdpa": round(t_fast / t_sdpa, 3),
               "dream_step_by_hand_vs_lm_forward": round(t_by_hand / t_plain, 3),
               "dream_step_fused_vs_lm_forward": round(t_fused / t_plain, 3),
-              "peak_memory_checkpointed_vs_forward": round(memory["step-checkpointed"] / memory["forward"], 3)}
+              "peak_memory_checkpointed_vs_forward": round(memory["step-checkpointed"] / memory["forward"], 3),
+              **{f"{loss}_step_vs_dream_step": round(t_objective[loss] / t_objective["dream"], 3)
+                 for loss in ("replug", "adist", "loop", "emdr")}}
     print(json.dumps(result))
 
 

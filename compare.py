@@ -9,9 +9,10 @@ The research harness: DREAM against its baselines from the same start, and the s
     python compare.py --runs out/a,out/b+out/c           a table of finished train.py runs (b+c: seeds), with intervals
     python compare.py --drift start,out/a/encoder        how far the space moved (SciFact train queries)
 
-The grid: every method (DREAM, REPLUG-LSR, InfoNCE with gold labels; --methods) trains from the
-same start encoder on the same questions, candidates, steps and schedule, for each --grid-lr, (DREAM
-and REPLUG-LSR) each --grid-temperature and (DREAM) each --grid-heads. Each method's settings are
+The grid: every method (DREAM; the label-free baselines REPLUG-LSR, ADist, LOOP, EMDR²; InfoNCE
+with gold labels; --methods) trains from the same start encoder on the same questions, candidates,
+steps and schedule, for each --grid-lr, (the label-free ones) each --grid-temperature, (DREAM and
+ADist) each --grid-heads and (REPLUG-LSR, ADist, LOOP) each --grid-beta. Each method's settings are
 chosen on dev alone: the mean nDCG@10 of QA dev (held-out SQuAD articles) and of the BEIR folders'
 dev queries (SciFact's train queries), so not on four in-domain articles alone. The report: that
 run and --seeds - 1 more seeds on QA test and the BEIR test sets, every row against the start
@@ -34,13 +35,17 @@ import dream
 from data import beir_sets, load_data
 from eval import encode, evaluate_beir, evaluate_questions, ids_and_texts, load_beir, paired_bootstrap
 from config import Config, add_config_flags, load_lm, resolve_models, settings
-from objectives import examples, lm_batch, nll_per_document
+from objectives import (adist_mass, emdr_loss, examples, lm_batch, loop_losses, nll_per_document,
+                        token_nll_per_document)
 from train import choose_heads, code_version, train
 
 # -----------------------------------------------------------------------------
 # the grid on QA dev, the report on QA test and BEIR with paired bootstrap intervals
 
-METHODS = {"DREAM": "dream", "REPLUG-LSR": "replug", "InfoNCE (gold labels)": "infonce"}
+METHODS = {"DREAM": "dream", "REPLUG-LSR": "replug", "ADist": "adist", "LOOP": "loop", "EMDR²": "emdr",
+           "InfoNCE (gold labels)": "infonce"}
+TARGET_TEMPERATURE = {"replug", "adist", "loop"}  # the methods whose target has a temperature tau_g (--beta)
+HEADED = {"dream", "adist"}  # the methods that read the chosen heads: --grid-heads
 HEADS = {"all": {"heads": "all"},  # --grid-heads: the heads DREAM biases; any other value is a --heads value
          "loo": {"heads": "auto", "head_source": "loo"},  # head_count heads ranked without labels
          "gold": {"heads": "auto", "head_source": "gold"}}  # ranked on detection_questions gold-labelled questions
@@ -55,8 +60,9 @@ ABLATIONS = {"random_heads": ("DREAM, 16 random heads", {"heads": "random"}),
 
 def compare(cfg, grid_lr="3e-5,1e-4,3e-4", grid_temperature="0.05,0.2", seeds=2, ablations=(), rebuild=False,
             grid_heads="all,loo,gold", methods=tuple(METHODS.values()), grid_reading="scale", reuse_older=False,
-            table="compare", log=print):
-    """The grid (grid_lr; grid_temperature for DREAM and REPLUG-LSR; grid_heads for DREAM) for
+            table="compare", grid_beta="", log=print):
+    """The grid (grid_lr; grid_temperature for every label-free method; grid_heads for DREAM and
+    ADist; grid_beta, tau_g, for REPLUG-LSR, ADist and LOOP, "" = cfg.beta alone) for
     every method named in `methods`, DREAM once for each reading in grid_reading (keys of
     READINGS; "DREAM" is scale, "DREAM (set)" another); each method's settings are the ones with the best dev score:
     the mean nDCG@10 of QA dev and of every BEIR folder's dev queries (SciFact's train queries), or
@@ -69,7 +75,8 @@ def compare(cfg, grid_lr="3e-5,1e-4,3e-4", grid_temperature="0.05,0.2", seeds=2,
     if unknown:
         raise ValueError(f"--ablations {','.join(sorted(unknown))}: choose from {','.join(ABLATIONS)}")
     if not methods or set(methods) - set(METHODS.values()) or ablations and "dream" not in methods:
-        raise ValueError(f"--methods {','.join(methods)}: choose from dream, replug, infonce (dream, for --ablations)")
+        raise ValueError(f"--methods {','.join(methods)}: choose from {', '.join(METHODS.values())} (dream, for "
+                         "--ablations)")
     readings = grid_reading.split(",")
     if not readings or set(readings) - set(READINGS):
         raise ValueError(f"--grid-reading {grid_reading}: choose from {','.join(READINGS)}")
@@ -129,42 +136,47 @@ def compare(cfg, grid_lr="3e-5,1e-4,3e-4", grid_temperature="0.05,0.2", seeds=2,
 
     lrs = [float(x) for x in grid_lr.split(",")]
     taus = [float(x) for x in grid_temperature.split(",")]
+    betas = [float(x) for x in grid_beta.split(",")] if grid_beta else [cfg.beta]
+    shown_beta = grid_beta or any(loss in ("adist", "loop") for _, loss, _, _ in methods)  # the grid table's tau_g
     run("start", steps=0, eval_data="none", heads="all")  # heads: only DREAM's runs use them
     grid, best = {}, {}
     for name, loss, reading, suffix in methods:
         for lr in lrs:
             for tau in (taus if loss != "infonce" else [cfg.temperature]):
-                for heads in (grid_heads.split(",") if loss == "dream" else ["all"]):
-                    folder = f"grid/{loss}{suffix}_lr{lr:g}_tau{tau:g}" + (f"_heads-{heads}" if loss == "dream" and heads != "all" else "")
-                    run(folder, loss=loss, lr=lr, temperature=tau, eval_data="none", **HEADS.get(heads, {"heads": heads}),
-                        **READINGS[reading])
-                    grid[folder] = (name, lr, tau, heads, scored(folder))
+                for heads in (grid_heads.split(",") if loss in HEADED else ["all"]):
+                    for beta in (betas if loss in TARGET_TEMPERATURE else [cfg.beta]):
+                        folder = f"grid/{loss}{suffix}_lr{lr:g}_tau{tau:g}"
+                        folder += f"_heads-{heads}" if loss in HEADED and heads != "all" else ""
+                        folder += f"_beta{beta:g}" if loss in TARGET_TEMPERATURE and beta != Config.beta else ""
+                        run(folder, loss=loss, lr=lr, temperature=tau, beta=beta, eval_data="none",
+                            **HEADS.get(heads, {"heads": heads}), **READINGS[reading])
+                        grid[folder] = (name, lr, tau, heads, beta, scored(folder))
         best[name] = max((r["dev_score"], f) for f, (n, *_, r) in grid.items() if n == name)[1]
 
     final = {"start encoder": [scored("start")]}
     for name, loss, reading, suffix in methods:
-        _, lr, tau, heads, _ = grid[best[name]]
+        _, lr, tau, heads, beta, _ = grid[best[name]]
         final[name] = [grid[best[name]][-1]] + [
-            run(f"final/{loss}{suffix}_seed{cfg.seed + i}", loss=loss, lr=lr, temperature=tau, seed=cfg.seed + i,
-                **HEADS.get(heads, {"heads": heads}), **READINGS[reading])
+            run(f"final/{loss}{suffix}_seed{cfg.seed + i}", loss=loss, lr=lr, temperature=tau, beta=beta,
+                seed=cfg.seed + i, **HEADS.get(heads, {"heads": heads}), **READINGS[reading])
             for i in range(1, seeds if loss != "infonce" else 1)]
     final["BM25"] = [bm25_report(cfg, log)]
     ablation_rows = {}
     if ablations:  # at the first reading's best
         name, _, reading, suffix = next(m for m in methods if m[1] == "dream")
-        _, lr, tau, heads, _ = grid[best[name]]
+        _, lr, tau, heads, _, _ = grid[best[name]]
         ablation_rows = {ABLATIONS[a][0]: run(f"ablation/{a}{suffix}", lr=lr, temperature=tau, eval_data="none",
                                               **{**HEADS.get(heads, {"heads": heads}), **READINGS[reading], **ABLATIONS[a][1]})
                          for a in ablations}
-    text = report_tables(cfg, grid, best, final, ablation_rows, dev_sets)
+    text = report_tables(cfg, grid, best, final, ablation_rows, dev_sets, shown_beta)
     with open(os.path.join(cfg.out_dir, f"{table}.md"), "w") as f:
         f.write(text)
     with open(os.path.join(cfg.out_dir, f"{table}.json"), "w") as f:
         json.dump({"best": best, "dev_sets": dev_sets,
-                   "grid": {f: {"method": n, "lr": lr, "temperature": t, "heads": h, "chosen_heads": r.get("heads"),
-                                "code": r.get("code"),
+                   "grid": {f: {"method": n, "lr": lr, "temperature": t, "heads": h, "beta": b,
+                                "chosen_heads": r.get("heads"), "code": r.get("code"),
                                 "dev_score": r["dev_score"], "qa": r["after"]["qa"], "beir": r["after"]["beir"],
-                                "health": r.get("health")} for f, (n, lr, t, h, r) in grid.items()},
+                                "health": r.get("health")} for f, (n, lr, t, h, b, r) in grid.items()},
                    "final": {n: [{k: v for k, v in r.items() if k not in ("loss", "gold_top1_by_step")} for r in rs]
                              for n, rs in final.items()}}, f, indent=1)
     plot(grid, final, cfg.out_dir)
@@ -203,28 +215,31 @@ def seed_mean(reports):
                 for m in first[s]} for s in shared}
 
 
-def report_tables(cfg, grid, best, final, ablation_rows, dev_sets=()):
+def report_tables(cfg, grid, best, final, ablation_rows, dev_sets=(), shown_beta=False):
     """compare.md: the grid on dev, then QA test and BEIR test with paired bootstrap 95% intervals
-    of each method's difference to the start encoder, to REPLUG-LSR and, where other readings ran, to
-    DREAM (their seeds averaged per query)."""
+    of each method's difference to the start encoder, to REPLUG-LSR and, where other readings or
+    other label-free objectives ran, to DREAM (their seeds averaged per query). shown_beta: the grid
+    has a tau_g column."""
     chosen_on = " and ".join(["QA dev"] + list(dev_sets))
     lines = [f"## The grid (nDCG@10 on dev; each method's best dev score, the mean of {chosen_on}, in bold, is "
              "the one reported)", "",
-             "| method | lr | tau | heads | QA dev nDCG@10 | " + "".join(f"{n} nDCG@10 | " for n in dev_sets) +
+             "| method | lr | tau | " + ("tau_g | " if shown_beta else "") + "heads | QA dev nDCG@10 | " + "".join(f"{n} nDCG@10 | " for n in dev_sets) +
              "dev score | QA dev R@100 | health (QA dev nDCG@10, small pool) by step | s/step |",
-             "|---|---|---|---|---|" + "---|" * len(dev_sets) + "---|---|---|---|"]
-    for folder, (name, lr, tau, heads, r) in grid.items():
+             "|---|---|---|---|---|" + "---|" * (len(dev_sets) + bool(shown_beta)) + "---|---|---|---|"]
+    for folder, (name, lr, tau, heads, beta, r) in grid.items():
         dev = r["after"]["qa"]["dev"]
         value = f"**{r['dev_score']:.4f}**" if best[name] == folder else f"{r['dev_score']:.4f}"
         health = " ".join(f"{v:.3f}" for _, v in r.get("health", []))
-        lines.append(f"| {name} | {lr:g} | {tau:g} | {heads if name.startswith('DREAM') else ''} | {dev['ndcg@10']:.4f} | " +
+        tau_g = (f"{beta:g} | " if r["config"]["loss"] in TARGET_TEMPERATURE else " | ") if shown_beta else ""
+        headed = name.startswith("DREAM") or r["config"]["loss"] in HEADED
+        lines.append(f"| {name} | {lr:g} | {tau:g} | {tau_g}{heads if headed else ''} | {dev['ndcg@10']:.4f} | " +
                      "".join(f"{r['after']['beir'][n]['ndcg@10']:.4f} | " for n in dev_sets) +
                      f"{value} | {dev['recall@100']:.4f} | {health} | {r.get('seconds_per_step', 0):.2f} |")
     sets = ["test"] + [n for n in final["start encoder"][0]["after"]["beir"] if n not in dev_sets]
     base = seed_mean(final["start encoder"])
     # every row against the start encoder and, for nDCG@10, REPLUG-LSR and (with other readings) DREAM
-    versus = [n for n in ("REPLUG-LSR", "DREAM") if n in final and (n == "REPLUG-LSR" or
-                                                                   any(m.startswith("DREAM (") for m in final))]
+    others = [m for m in final if m.startswith("DREAM (") or m in ("ADist", "LOOP", "EMDR²")]
+    versus = [n for n in ("REPLUG-LSR", "DREAM") if n in final and (n == "REPLUG-LSR" or others)]
     means = {n: seed_mean(final[n]) for n in versus}
     for s in sets:
         label = "QA test" if s == "test" else s
@@ -264,7 +279,7 @@ def plot(grid, final, out_dir):
     methods = [name for name in final if name not in ("start encoder", "BM25")]
     fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 3.6), squeeze=False)
     for ax, name in zip(axes[0], methods):
-        for folder, (n, lr, tau, heads, r) in grid.items():
+        for folder, (n, lr, tau, heads, beta, r) in grid.items():
             if n == name and r.get("health"):
                 ax.plot(*zip(*r["health"]), marker="o",
                         label=f"lr {lr:g}, tau {tau:g}" + (f", heads {heads}" if name.startswith("DREAM") else ""))
@@ -281,7 +296,9 @@ def plot(grid, final, out_dir):
             w = max(1, len(losses) // 10)
             ax.plot(steps, [sum(losses[max(0, i - w + 1):i + 1]) / len(losses[max(0, i - w + 1):i + 1])
                             for i in range(len(losses))], label=f"seed {r['config']['seed']}")
-        ax.set(title={"DREAM": "DREAM: target cross-entropy", "REPLUG-LSR": "REPLUG-LSR: KL(Q || P_R)"}.get(name, name),
+        ax.set(title={"DREAM": "DREAM: target cross-entropy", "REPLUG-LSR": "REPLUG-LSR: KL(Q || P_R)",
+                      "ADist": "ADist: KL(Q || P_R)", "LOOP": "LOOP: KL(Q || P_R)",
+                      "EMDR²": "EMDR²: -log sum_i P_R(d_i) p_LM(y_t | d_i)"}.get(name, name),
                xlabel="step")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -369,6 +386,13 @@ def drift(encoders, folder, split="train", start="", queries=300, docs=600, seed
 # the signal probe: before training, does one step on the DREAM loss pull the gold passage up?
 
 
+# the label-free baselines the probe measures beside DREAM: (name, what "ranks the gold first" means)
+BASELINES = {"replug": ("REPLUG-LSR", "the gold alone, the lowest loss"),
+             "adist": ("ADist", "the gold gets the most attention"),
+             "loop": ("LOOP", "removing the gold raises the loss most"),
+             "emdr": ("EMDR²", "the gold alone, the likeliest target (REPLUG-LSR's)")}
+
+
 def probe(lm, batch, scores, useful, heads="all", temperature=0.05, focus=5.0, prefix=None, **reading):
     """What the training signal says about each example's useful document (useful: [B] indices
     among its k), at the given scores [B, k]. Returns [B] tensors:
@@ -411,9 +435,10 @@ def signal_probe(cfg, questions=64, log=print):
     if not qs:
         raise ValueError("--probe: no dev question has its gold passage among its candidates (with --corpus "
                          "alone, none has one: give --corpus-siblings 1, and the sibling is asked about)")
-    seen = {key: [] for key in ("equal raise", "equal favours", "own raise", "own favours", "focused", "replug",
-                                "replug equal raise", "replug equal favours", "replug own raise", "replug own favours",
-                                "retriever")}
+    seen = {key: [] for key in ("equal raise", "equal favours", "own raise", "own favours", "focused", "retriever",
+                                *(f"{m}{at}" for m in BASELINES for at in ("", " equal raise", " equal favours",
+                                                                           " own raise", " own favours")))}
+    lm_cfg = dataclasses.replace(cfg, heads=heads)
     for i in tqdm(range(0, len(qs), cfg.batch_size), desc="probe"):
         idx = range(i, min(i + cfg.batch_size, len(qs)))
         q, d, _ = examples(qs, passages, idx)
@@ -422,39 +447,56 @@ def signal_probe(cfg, questions=64, log=print):
         prefix = dream.encode_prefix(lm, batch)
         with torch.no_grad():
             own = dream.score(retriever, q, d)
-            nll = nll_per_document(lm, tok, qs, doc_ids, idx, cfg, device)
+            # each baseline's view of the candidates: higher is the document it pulls up
+            views = {"replug": -nll_per_document(lm, tok, qs, doc_ids, idx, cfg, device),
+                     "adist": adist_mass(lm, batch, lm_cfg), "loop": loop_losses(lm, tok, qs, doc_ids, idx, cfg, device)}
+            token_nll = token_nll_per_document(lm, tok, qs, doc_ids, idx, cfg, device)
+            views["emdr"] = -(token_nll[0] * token_nll[1][:, None]).sum(-1)  # log p_LM(y | d_i, q): its posterior
         for name, scores in (("equal", torch.zeros_like(own)), ("own", own)):
             out = probe(lm, batch, scores, useful, heads, cfg.temperature, prefix=prefix, reading=cfg.reading,
                         hide_documents=cfg.hide_documents)
             seen[f"{name} raise"] += out["raise"].tolist()
             seen[f"{name} favours"] += (out["favours"] == useful).tolist()
-            up, favours = replug_step(scores, F.softmax(-nll / cfg.beta, -1), useful, cfg.temperature)
-            seen[f"replug {name} raise"] += up.tolist()
-            seen[f"replug {name} favours"] += (favours == useful).tolist()
+            for m in BASELINES:
+                if m == "emdr":
+                    up, favours = descent(lambda s: emdr_loss(s, *token_nll, cfg.temperature), scores, useful,
+                                          cfg.temperature)
+                else:
+                    up, favours = replug_step(scores, F.softmax(views[m] / cfg.beta, -1), useful, cfg.temperature)
+                seen[f"{m} {name} raise"] += up.tolist()
+                seen[f"{m} {name} favours"] += (favours == useful).tolist()
         seen["focused"] += (out["focused"] == useful).tolist()
-        seen["replug"] += (nll.argmin(1) == useful).tolist()
+        for m in BASELINES:
+            seen[m] += (views[m].argmax(1) == useful).tolist()
+            seen[f"{m} spread"] = seen.get(f"{m} spread", []) + (views[m].amax(1) - views[m].amin(1)).tolist()
         seen["retriever"] += (own.argmax(1) == useful).tolist()
     share = lambda key: sum(v > 0 for v in seen[key]) / len(qs)
     median = lambda key: sorted(seen[key])[len(qs) // 2]
-    result = {"questions": len(qs), "k": cfg.k, "temperature": cfg.temperature, "heads": heads,
+    result = {"questions": len(qs), "k": cfg.k, "temperature": cfg.temperature, "beta": cfg.beta, "heads": heads,
               "reading": cfg.reading, "hide_documents": cfg.hide_documents,
               "equal_raises_gold": share("equal raise"), "equal_median_raise": median("equal raise"),
               "equal_favours_gold": share("equal favours"), "own_raises_gold": share("own raise"),
               "own_median_raise": median("own raise"), "own_favours_gold": share("own favours"),
-              "focus_on_gold_lowest_loss": share("focused"), "replug_ranks_gold_first": share("replug"),
-              "replug_equal_raises_gold": share("replug equal raise"), "replug_equal_favours_gold": share("replug equal favours"),
-              "replug_own_raises_gold": share("replug own raise"), "replug_own_favours_gold": share("replug own favours"),
-              "retriever_ranks_gold_first": share("retriever"), "chance_first": 1 / cfg.k}
+              "focus_on_gold_lowest_loss": share("focused"),
+              **{key: share(f"{m}{at}") for m in BASELINES for key, at in (
+                  (f"{m}_ranks_gold_first", ""), (f"{m}_equal_raises_gold", " equal raise"),
+                  (f"{m}_equal_favours_gold", " equal favours"), (f"{m}_own_raises_gold", " own raise"),
+                  (f"{m}_own_favours_gold", " own favours"))},
+              "retriever_ranks_gold_first": share("retriever"), "chance_first": 1 / cfg.k,
+              # how far apart each target's candidates lie before / beta: what sets a tau_g
+              **{f"{m}_median_spread": median(f"{m} spread") for m in BASELINES}}
     rows = [("a descent step raises p(gold)", result["equal_raises_gold"], result["own_raises_gold"], "0.50"),
             ("  its median size (dp(gold) per unit step)", result["equal_median_raise"], result["own_median_raise"], ""),
             ("the step raises the gold's score most", result["equal_favours_gold"], result["own_favours_gold"],
              f"{1 / cfg.k:.2f}"),
-            ("bias focused on the gold: the lowest loss", result["focus_on_gold_lowest_loss"], None, f"{1 / cfg.k:.2f}"),
-            ("REPLUG-LSR: the gold alone, the lowest loss", result["replug_ranks_gold_first"], None, f"{1 / cfg.k:.2f}"),
-            ("REPLUG-LSR: its step raises p(gold)", result["replug_equal_raises_gold"], result["replug_own_raises_gold"], "0.50"),
-            ("REPLUG-LSR: its step raises the gold's score most", result["replug_equal_favours_gold"],
-             result["replug_own_favours_gold"], f"{1 / cfg.k:.2f}"),
-            ("the retriever ranks the gold first", None, result["retriever_ranks_gold_first"], f"{1 / cfg.k:.2f}")]
+            ("bias focused on the gold: the lowest loss", result["focus_on_gold_lowest_loss"], None, f"{1 / cfg.k:.2f}")]
+    for m, (label, first) in BASELINES.items():
+        rows += [(f"{label}: {first}", result[f"{m}_ranks_gold_first"], None, f"{1 / cfg.k:.2f}"),
+                 (f"{label}: its step raises p(gold)", result[f"{m}_equal_raises_gold"], result[f"{m}_own_raises_gold"],
+                  "0.50"),
+                 (f"{label}: its step raises the gold's score most", result[f"{m}_equal_favours_gold"],
+                  result[f"{m}_own_favours_gold"], f"{1 / cfg.k:.2f}")]
+    rows.append(("the retriever ranks the gold first", None, result["retriever_ranks_gold_first"], f"{1 / cfg.k:.2f}"))
     fmt = lambda v: "" if v is None else f"{v:.3g}" if abs(v) < 0.01 else f"{v:.2f}"
     lines = [f"signal probe: {len(qs)} dev questions with the {kind} "
              f"among k = {cfg.k} candidates, tau = {cfg.temperature}, reading {cfg.reading}"
@@ -466,6 +508,16 @@ def signal_probe(cfg, questions=64, log=print):
         json.dump(result, f, indent=1)
     print(json.dumps(result))
     return result
+
+
+def descent(loss_of_scores, scores, useful, temperature):
+    """Any loss's descent step on the scores [B, k] (autograd), reported as replug_step reports its own."""
+    s = scores.detach().float().requires_grad_()
+    grad, = torch.autograd.grad(loss_of_scores(s), s)
+    p = F.softmax(s.detach() / temperature, -1)
+    step = -F.normalize(grad, dim=-1)
+    p_useful = p.gather(1, useful[:, None])[:, 0]
+    return p_useful * (step.gather(1, useful[:, None])[:, 0] - (p * step).sum(1)) / temperature, step.argmax(1)
 
 
 def replug_step(scores, target, useful, temperature):
@@ -497,12 +549,14 @@ def main():
                         "(default: %(default)r, <data_dir>/scifact)")
     parser.add_argument("--drift-split", default="train", help="--drift: the qrels split whose queries it reads")
     parser.add_argument("--grid-lr", default="3e-5,1e-4,3e-4", help="every method tries these on QA dev")
-    parser.add_argument("--grid-temperature", default="0.05,0.2", help="and DREAM and REPLUG-LSR these")
-    parser.add_argument("--grid-heads", default="all,loo,gold", help="and DREAM these heads: all; loo or gold, "
+    parser.add_argument("--grid-temperature", default="0.05,0.2", help="and every label-free method these")
+    parser.add_argument("--grid-beta", default="", help="and REPLUG-LSR, ADist and LOOP these tau_g (default: "
+                        "%(default)r, --beta alone)")
+    parser.add_argument("--grid-heads", default="all,loo,gold", help="and DREAM and ADist these heads: all; loo or gold, "
                         "--head-count heads ranked without labels or on --detection-questions gold-labelled "
                         "questions; or any --heads value")
     parser.add_argument("--methods", default=",".join(METHODS.values()), help="the methods to run (dream, replug, "
-                        "infonce)")
+                        "adist, loop, emdr, infonce)")
     parser.add_argument("--grid-reading", default="scale", help=f"DREAM's readings, each a method of its own "
                         f"({', '.join(READINGS)}; +hide: the documents hidden from the other heads)")
     parser.add_argument("--table", default="compare", help="the grid's table is written to <out-dir>/TABLE.md "
@@ -525,7 +579,8 @@ def main():
         signal_probe(cfg, args.probe_questions)
     else:
         compare(cfg, args.grid_lr, args.grid_temperature, args.seeds, [a for a in args.ablations.split(",") if a],
-                args.rebuild, args.grid_heads, args.methods.split(","), args.grid_reading, args.reuse_older, args.table)
+                args.rebuild, args.grid_heads, args.methods.split(","), args.grid_reading, args.reuse_older, args.table,
+                args.grid_beta)
 
 
 if __name__ == "__main__":

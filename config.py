@@ -44,9 +44,10 @@ class Config:
     data_dir: str = option(os.environ.get("DREAM_DATA", "../shared/data"), "where squad/ and scifact/ are found "
                            "($DREAM_DATA)")
     out_dir: str = option("out/small", "the checkpoint, encoder/, report.json and heads.txt go here")
-    loss: str = option("dream", "dream; or the baselines replug (REPLUG-LSR) and infonce (gold labels)",
-                       ("dream", "replug", "infonce"))
-    heads: str = option("auto", "biased heads: auto (ranked, QRHead; dev's choice), all, random, a layer slice, "
+    loss: str = option("dream", "dream; or the label-free baselines replug (REPLUG-LSR: perplexity distillation), "
+                       "adist (attention distillation), loop (leave-one-out), emdr (EMDR²); or infonce (gold labels)",
+                       ("dream", "replug", "adist", "loop", "emdr", "infonce"))
+    heads: str = option("auto", "biased heads (adist: the heads it distils): auto (ranked, QRHead; dev's choice), all, random, a layer slice, "
                         '"layer-head,..." pairs, or a file holding them')
     reading: str = option("scale", "dream: scale (bias log p_i + log k) or set (document i gets p_i of the "
                           "documents' mass)", ("scale", "set"))
@@ -55,7 +56,12 @@ class Config:
     head_source: str = option("loo", "heads auto: the useful document by leave-one-out (no labels), or the gold one",
                               ("gold", "loo"))
     detection_questions: int = option(64, "heads auto: training questions the heads are ranked on")
-    beta: float = option(0.1, "replug: temperature of the LM's distribution over the candidates")
+    beta: float = option(0.1, "replug, adist, loop: tau_g, the temperature of the LM's target distribution over "
+                         "the candidates")
+    adist_rows: str = option("target", "adist: the attention of the rows that predict the target (Atlas), or of the "
+                             "query's", ("target", "query"))
+    adist_values: bool = option(True, "adist: each attention probability times its value vector's norm (Atlas); "
+                                "--no-adist-values: the probability alone (Izacard & Grave)")
     lora: int = option(0, "> 0: train LoRA adapters of this rank instead of every weight")
     pooling: str = option("", 'mean | cls | last; "" = the encoder\'s sentence-transformers setting',
                           ("", "mean", "cls", "last"))

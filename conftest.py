@@ -14,6 +14,7 @@ from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, Ll
                           LlamaModel, PreTrainedTokenizerFast)
 
 from data import ToyWorld
+import objectives
 import train
 
 # gpu_check.py runs the method's tests on a GPU: DREAM_TEST_DEVICE=cuda builds every model and tensor there
@@ -28,10 +29,15 @@ V = len(TOK)
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path_factory, monkeypatch):
     """Each test its own cache of start-encoder evaluations (train.py keeps them under ~/.cache/dream):
-    a test never reuses what another run left there. Child processes inherit it through $DREAM_CACHE."""
+    a test never reuses what another run left there. Child processes inherit it through $DREAM_CACHE.
+    And none of the frozen LM's values that objectives.py keeps in memory."""
     folder = str(tmp_path_factory.mktemp("cache"))
     monkeypatch.setattr(train, "CACHE", folder)
     monkeypatch.setenv("DREAM_CACHE", folder)
+    # the frozen LM's per-question values are kept by question and candidates: tests reuse both
+    for cache in (objectives.NLLS, objectives.LOOPS, objectives.TOKEN_NLLS, objectives.PREFIXES.items):
+        cache.clear()
+    objectives.PREFIXES.bytes = 0
 
 
 # -----------------------------------------------------------------------------
@@ -59,6 +65,17 @@ def toy_batch(n=3, k=3):
     docs = [["k1 v1", "k2 v2 v3 v4", "k3"], ["k4", "k5 v5", "k6 v6"], ["k7 v7 v1 v2", "k1", "k2 v3"]][:n]
     targets = ["v1", "v2 v3", "v4 v5 v6"][:n]
     return queries, [d[:k] for d in docs], targets
+
+
+def toy_questions(queries, docs, targets):
+    """train.py's view of toy_batch() (or any examples of k documents): questions with candidate
+    indices, and each passage's token ids."""
+    k = len(docs[0])
+    questions = [{"query": q, "target": y, "candidates": [k * b + i for i in range(k)], "gold": None}
+                 for b, (q, y) in enumerate(zip(queries, targets))]
+    doc_ids = {k * b + i: TOK(d, add_special_tokens=False)["input_ids"] for b, ds in enumerate(docs)
+               for i, d in enumerate(ds)}
+    return questions, doc_ids
 
 
 def target_logits_plain(lm, batch):

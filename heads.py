@@ -14,24 +14,40 @@ from transformers.utils.logging import tqdm
 import dream
 
 @torch.no_grad()
-def document_attention(lm, batch, scores=None, heads="all", temperature=0.05, rows="query"):
+def document_attention(lm, batch, scores=None, heads="all", temperature=0.05, rows="query", value_norm=False,
+                       prefix=None):
     """[L', H, B, k]: the attention each head of the L' layers that heads selects pays to each
-    document (summed over its tokens), averaged over the rows: the query's tokens ("query"), or
-    the query's and the target's ("suffix"). scores: bias the LM with them (None: the LM as it is)."""
+    document (summed over its tokens), averaged over the rows: the query's tokens ("query"), the
+    query's and the target's ("suffix"), or those that predict a target token ("target").
+    value_norm: each probability times the norm of the value vector it reads (Atlas's alpha * |v|).
+    scores: bias the LM with them (None: the LM as it is). prefix: dream.encode_prefix(lm, batch)."""
     B, k = batch.spans.shape[:2]
+    if rows not in ("query", "suffix", "target"):
+        raise ValueError(f"rows={rows!r}: choose 'query', 'suffix' or 'target'")
     scores = torch.zeros(B, k, device=batch.input_ids.device) if scores is None else scores
-    out = dream.biased_forward(lm, batch, scores, heads, temperature, output_attentions=True)
-    docs_end = batch.spans[:, -1, 1]
+    prefix = dream.encode_prefix(lm, batch) if prefix is None else prefix
+    out = dream.biased_forward(lm, batch, scores, heads, temperature, output_attentions=True, prefix=prefix)
+    docs_end, length = batch.spans[:, -1, 1], batch.attention_mask.sum(1)
     P = int(docs_end.max())
-    end = (batch.labels != -100).int().argmax(1) if rows == "query" else batch.attention_mask.sum(1)
-    n_rows = end - docs_end                                                         # [B]
     N = next(iter(out.attentions.values())).shape[2]
-    is_row = (torch.arange(N, device=docs_end.device) < n_rows[:, None]).float()   # [B, N]
+    where = docs_end[:, None] + torch.arange(N, device=docs_end.device)                 # [B, N] positions
+    is_row = where < length[:, None]
+    if rows == "query":
+        is_row &= where < (batch.labels != -100).int().argmax(1)[:, None]
+    elif rows == "target":  # the next position holds a target token
+        after = where + 1
+        is_row &= (after < batch.labels.shape[1]) & (batch.labels.gather(1, after.clamp(max=batch.labels.shape[1] - 1))
+                                                     != -100)
+    is_row = is_row.float()
     in_doc = dream.document_columns(batch.spans, P).float()                       # [B, k, P]
     mass = []
     for layer in sorted(out.attentions):
-        per_doc = out.attentions[layer][..., :P].float() @ in_doc.transpose(1, 2)[:, None]  # [B, H, N, k]
-        mass.append(torch.einsum("bhnk,bn->hbk", per_doc, is_row) / n_rows[:, None].float())
+        attn = out.attentions[layer][..., :P].float()                              # [B, H, N, P]
+        if value_norm:  # a kv head serves H / H_kv query heads
+            v = prefix.layers[layer].values[:, :, :P].float().norm(dim=-1)          # [B, H_kv, P]
+            attn = attn * v.repeat_interleave(attn.shape[1] // v.shape[1], 1)[:, :, None]
+        per_doc = attn @ in_doc.transpose(1, 2)[:, None]                            # [B, H, N, k]
+        mass.append(torch.einsum("bhnk,bn->hbk", per_doc, is_row) / is_row.sum(1)[:, None])
     return torch.stack(mass)
 
 
@@ -67,19 +83,25 @@ def top_heads(scores, n):
 
 
 @torch.no_grad()
-def leave_one_out(lm, tok, queries, docs, targets, max_doc_tokens=128, batch_size=4, progress=False):
-    """The useful document without labels: for each query, the index of the candidate whose
-    removal raises the frozen LM's loss on the target most."""
+def leave_one_out_losses(lm, tok, queries, docs, targets, max_doc_tokens=128, batch_size=4, progress=False):
+    """[n, k]: the frozen LM's mean target loss with each of a query's k candidates removed."""
     k = len(docs[0])
     if k < 3:
         raise ValueError(f"leave_one_out: k = {k}; removing one document must leave at least two")
     device = next(lm.parameters()).device
-    useful = []
+    losses = []
     for i in tqdm(range(0, len(queries), batch_size), desc="leave one out", disable=not progress):
         q, d, y = queries[i:i + batch_size], docs[i:i + batch_size], targets[i:i + batch_size]
         without = [dream.dream_loss(lm, dream.pack(tok, q, [ds[:j] + ds[j + 1:] for ds in d], y,
                                                    max_doc_tokens).to(device),
-                              torch.zeros(len(q), k - 1, device=device), reduction="none")
+                                    torch.zeros(len(q), k - 1, device=device), reduction="none")
                    for j in range(k)]
-        useful += torch.stack(without, 1).argmax(1).tolist()
-    return useful
+        losses.append(torch.stack(without, 1))
+    return torch.cat(losses)
+
+
+def leave_one_out(lm, tok, queries, docs, targets, max_doc_tokens=128, batch_size=4, progress=False):
+    """The useful document without labels: for each query, the index of the candidate whose
+    removal raises the frozen LM's loss on the target most."""
+    return leave_one_out_losses(lm, tok, queries, docs, targets, max_doc_tokens, batch_size,
+                                progress).argmax(1).tolist()

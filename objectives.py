@@ -1,14 +1,20 @@
 """
-The losses a training step can take, each from the retriever's [B, k] scores of a question's k
-candidates: DREAM (the frozen LM's next-token loss through the biased attention, dream.py), the
-baseline REPLUG-LSR (the retriever's softmax pulled toward the LM's likelihood of the target given
-each candidate alone: Atlas's perplexity distillation), and InfoNCE with gold labels (the supervised
-reference). step_loss picks one by cfg.loss.
+The losses a training step can take, each from the retriever's [B, k] scores s of a question's k
+candidates, p_R = softmax(s / tau): DREAM (the frozen LM's next-token loss through the biased
+attention, dream.py); the label-free ways a frozen LM teaches a retriever that Atlas (Izacard et
+al. 2022) compares, each KL(q || p_R) toward a target q the LM computes without grad, except EMDR²:
+  replug  REPLUG-LSR = Atlas's perplexity distillation: q from the LM's likelihood of the target
+          given each candidate alone
+  adist   attention distillation: q from the LM's attention on each candidate
+  loop    leave-one-out perplexity distillation: q from the LM's loss with each candidate removed
+  emdr    EMDR²: the likelihood of the target under the mixture sum_i p_R(d_i) p_LM(y | d_i, q)
+and InfoNCE with gold labels (the supervised reference). step_loss picks one by cfg.loss.
 """
 import torch
 import torch.nn.functional as F
 
 import dream
+import heads
 
 # -----------------------------------------------------------------------------
 # a question's texts and its LM batch
@@ -99,11 +105,92 @@ def step_loss(cfg, lm, tok, model, questions, passages, doc_ids, idx, device):
         g = F.normalize(torch.autograd.grad(loss * len(idx), s)[0], dim=1)  # x / max(|x|, 1e-12)
         surrogate = (scores * g).sum() / len(idx)
         return surrogate - surrogate.detach() + loss.detach(), tops
-    # REPLUG-LSR: KL(Q || P_R) over all k candidates. Q: softmax over the candidates of the frozen
-    # LM's log-likelihood of the target given that candidate alone (per token), / beta
+    if cfg.loss == "emdr":
+        with torch.no_grad():
+            token_nll = token_nll_per_document(lm, tok, questions, doc_ids, idx, cfg, device)
+        return emdr_loss(scores, *token_nll, cfg.temperature), tops
     with torch.no_grad():
-        lm_likes = F.softmax(-nll_per_document(lm, tok, questions, doc_ids, idx, cfg, device) / cfg.beta, -1)
-    return F.kl_div(F.log_softmax(scores / cfg.temperature, -1), lm_likes, reduction="batchmean"), tops
+        if cfg.loss == "replug":  # the LM's log-likelihood of the target given each candidate alone
+            target = -nll_per_document(lm, tok, questions, doc_ids, idx, cfg, device)
+        elif cfg.loss == "loop":
+            target = loop_losses(lm, tok, questions, doc_ids, idx, cfg, device)
+        else:
+            target = adist_mass(lm, lm_batch(tok, questions, doc_ids, idx, cfg).to(device), cfg)
+    return distill(scores, target, cfg.temperature, cfg.beta), tops
+
+
+# -----------------------------------------------------------------------------
+# the label-free objectives that are not DREAM: a target the frozen LM gives without grad
+
+
+def question_keys(lm, questions, idx, cfg):
+    """The questions idx, and each one's key in a store of the frozen LM's values (NLLS, LOOPS,
+    TOKEN_NLLS): the LM, the question, its target, its candidates and how they are cut."""
+    qs = [questions[i] for i in idx]
+    return qs, [(lm.config._name_or_path, lm.dtype, q["query"], q["target"], tuple(q["candidates"]),
+                 cfg.max_doc_tokens) for q in qs]
+
+
+def distill(scores, target, temperature, beta):
+    """KL(q || p_R), q = softmax(target / beta) (tau_g = beta), p_R = softmax(s / tau): the
+    retriever's distribution over the candidates pulled toward the LM's (Atlas's KL objectives)."""
+    return F.kl_div(F.log_softmax(scores / temperature, -1), F.softmax(target / beta, -1), reduction="batchmean")
+
+
+def adist_mass(lm, batch, cfg):
+    """[B, k] alpha_i: attention distillation's target before its softmax (Izacard & Grave 2021;
+    Atlas's ADist): the frozen, unbiased LM's attention on each document (summed over its tokens),
+    averaged over the rows (cfg.adist_rows: those that predict the target, or the query's) and over
+    the heads cfg.heads selects (all: Atlas); cfg.adist_values: each probability times the norm of
+    its value vector (Atlas), else the probability alone (Izacard & Grave)."""
+    mass = heads.document_attention(lm, batch, heads=cfg.heads, rows=cfg.adist_rows, value_norm=cfg.adist_values)
+    selected = dream.resolve_heads(lm, cfg.heads)                                  # {layer: [H] bool}
+    return torch.cat([m[selected[layer].to(m.device)] for layer, m in zip(sorted(selected), mass)]).mean(0)
+
+
+LOOPS = {}  # the frozen LM's losses with each candidate removed: the same in every step and run
+
+
+def loop_losses(lm, tok, questions, doc_ids, idx, cfg, device):
+    """[B, k] l_-i: the frozen LM's mean target loss with candidate i removed from the k (k forwards
+    of k - 1 documents). loop's target softmax(l_-i / beta): a document the LM misses most when it
+    is gone is the one it used (Atlas's leave-one-out perplexity distillation, LOOP)."""
+    qs, keys = question_keys(lm, questions, idx, cfg)
+    if any(key not in LOOPS for key in keys):
+        losses = heads.leave_one_out_losses(lm, tok, [q["query"] for q in qs], [[doc_ids[j] for j in q["candidates"]]
+                                            for q in qs], [q["target"] for q in qs], cfg.max_doc_tokens, len(qs))
+        LOOPS.update(zip(keys, losses.cpu()))
+    return torch.stack([LOOPS[key] for key in keys]).to(device)
+
+
+def emdr_loss(scores, token_nll, is_target, temperature):
+    """EMDR² (Sachan et al. 2021) per target token, as Atlas computes it:
+    L = -mean_t log sum_i p_R(d_i) p_LM(y_t | d_i, q, y_<t), the LM reading each candidate alone.
+    token_nll [B, k, T]: -log p_LM of each target token; is_target [B, T]: which of the T are tokens.
+    Its gradient on s_i is (p_R(d_i) - the posterior of d_i given y) / tau, averaged over the tokens."""
+    log_mix = torch.logsumexp(F.log_softmax(scores / temperature, -1)[..., None] - token_nll, 1)   # [B, T]
+    return -((log_mix * is_target).sum(1) / is_target.sum(1)).mean()
+
+
+TOKEN_NLLS = {}  # the frozen LM's per-token losses of a question's target with each candidate alone
+
+
+def token_nll_per_document(lm, tok, questions, doc_ids, idx, cfg, device):
+    """([B, k, T] the frozen LM's loss of each target token with one candidate alone as its context,
+    [B, T] which of the T are the target's tokens (a shorter target is padded with zeros))."""
+    qs, keys = question_keys(lm, questions, idx, cfg)
+    if any(key not in TOKEN_NLLS for key in keys):
+        one = [(q["query"], [doc_ids[j]], q["target"]) for q in qs for j in q["candidates"]]
+        batch = dream.pack(tok, *zip(*one), max_doc_tokens=cfg.max_doc_tokens).to(device)
+        logits = dream.biased_forward(lm, batch, torch.zeros(len(one), 1, device=device)).logits
+        targets = batch.labels[:, 1:]
+        nll = F.cross_entropy(logits.float(), targets[targets != -100], reduction="none")
+        per_token = nll.split((targets != -100).sum(1).tolist())
+        TOKEN_NLLS.update(zip(keys, (torch.stack(per_token[i:i + cfg.k]).cpu() for i in range(0, len(one), cfg.k))))
+    T = max(TOKEN_NLLS[key].shape[1] for key in keys)
+    nll = torch.stack([F.pad(TOKEN_NLLS[key], (0, T - TOKEN_NLLS[key].shape[1])) for key in keys]).to(device)
+    is_target = torch.stack([torch.arange(T) < TOKEN_NLLS[key].shape[1] for key in keys]).float().to(device)
+    return nll, is_target
 
 
 def centered_scores(model, queries, docs):
@@ -119,9 +206,7 @@ def centered_scores(model, queries, docs):
 
 def nll_per_document(lm, tok, questions, doc_ids, idx, cfg, device):
     """[B, k]: the frozen LM's mean target-token loss with one candidate at a time as its context."""
-    qs = [questions[i] for i in idx]
-    keys = [(lm.config._name_or_path, lm.dtype, q["query"], q["target"], tuple(q["candidates"]), cfg.max_doc_tokens)
-            for q in qs]
+    qs, keys = question_keys(lm, questions, idx, cfg)
     if any(key not in NLLS for key in keys):
         one = [(q["query"], [doc_ids[j]], q["target"]) for q in qs for j in q["candidates"]]
         batch = dream.pack(tok, *zip(*one), max_doc_tokens=cfg.max_doc_tokens).to(device)

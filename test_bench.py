@@ -16,7 +16,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RATIOS = {"dream_step_vs_lm_forward", "score_with_grad_vs_encode", "peak_memory_dream_vs_forward",
           "biased_attention_vs_sdpa", "decoder_step_vs_lm_forward", "decoder_encode_vs_minilm_encode",
           "biased_sdpa_vs_sdpa", "dream_step_by_hand_vs_lm_forward", "dream_step_fused_vs_lm_forward",
-          "peak_memory_checkpointed_vs_forward"}
+          "peak_memory_checkpointed_vs_forward", "replug_step_vs_dream_step", "adist_step_vs_dream_step",
+          "loop_step_vs_dream_step", "emdr_step_vs_dream_step"}
 
 
 def test_bench_prints_every_ratio_on_a_tiny_model(tmp_path):

@@ -56,18 +56,22 @@ def test_compare_runs_the_grid_chooses_on_dev_and_writes_intervals(tmp_path, mod
     text = (tmp_path / "cmp" / "compare.md").read_text()
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     grid, best = saved["grid"], saved["best"]
-    assert len(grid) == 2 * 2 * 2 + 2 * 2 + 2  # lr x tau x heads for DREAM, lr x tau for REPLUG-LSR, lr for InfoNCE
+    # lr x tau x heads for DREAM and ADist, lr x tau for REPLUG-LSR, LOOP and EMDR², lr for InfoNCE
+    assert len(grid) == 2 * (2 * 2 * 2) + 3 * (2 * 2) + 2
     assert saved["dev_sets"] == ["tinybeir dev"]
     ranked = [g for g in grid.values() if g["heads"] == "loo"]
-    assert len(ranked) == 4 and all(len(g["chosen_heads"].split(",")) == 3 for g in ranked)  # head_count ranked heads
-    assert {g["chosen_heads"] for g in grid.values() if g["method"] == "DREAM" and g["heads"] == "all"} == {"all"}
+    assert len(ranked) == 8 and all(len(g["chosen_heads"].split(",")) == 3 for g in ranked)  # head_count ranked heads
+    assert {g["chosen_heads"] for g in grid.values() if g["method"] in ("DREAM", "ADist") and g["heads"] == "all"} == {"all"}
     for name in compare.METHODS:  # the best: the highest mean of QA dev and BEIR dev nDCG@10 of the method's runs
         for g in grid.values():
             assert g["dev_score"] == pytest.approx((g["qa"]["dev"]["ndcg@10"] + g["beir"]["tinybeir dev"]["ndcg@10"]) / 2)
         assert grid[best[name]]["dev_score"] == max(g["dev_score"] for g in grid.values() if g["method"] == name)
         assert f"| {name} |" in text
     assert "## tinybeir (2 queries)" in text and "## tinybeir dev" not in text  # dev chooses, test is reported
-    assert len(final["DREAM"]) == len(final["REPLUG-LSR"]) == 2 and len(final["InfoNCE (gold labels)"]) == 1
+    assert all(len(final[name]) == 2 for name in ("DREAM", "REPLUG-LSR", "ADist", "LOOP", "EMDR²"))
+    assert len(final["InfoNCE (gold labels)"]) == 1
+    assert "| vs start encoder | vs REPLUG-LSR | vs DREAM |" in text  # the other objectives against DREAM
+    assert re.search(r"\| ADist \| 0 \|( [^|]+ \|){3} [+-]\d\.\d{4} \[", text)
     assert {r["config"]["seed"] for r in final["DREAM"]} == {0, 1}
     assert "| start encoder |" in text and "| BM25 |  |" in text and "| DREAM | mean |" in text
     assert re.search(r"\| DREAM \| 0 \| [01]\.\d{4} \| [+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]", text)
@@ -91,11 +95,12 @@ def test_compare_runs_the_grid_chooses_on_dev_and_writes_intervals(tmp_path, mod
     monkeypatch.setattr(compare, "train", lambda c, log: trained.append(c.out_dir) or real_train(c, log))
     compare.compare(cfg, grid_lr="1e-3,1e-4", grid_temperature="0.05,0.2,1", grid_heads="all,loo", log=lambda *_: None)
     added = {str(tmp_path / "cmp" / "grid" / f"{loss}_lr{lr}_tau1{heads}") for loss, heads in
-             [("dream", ""), ("dream", "_heads-loo"), ("replug", "")] for lr in ("0.001", "0.0001")}
+             [("dream", ""), ("dream", "_heads-loo"), ("replug", ""), ("adist", ""), ("adist", "_heads-loo"),
+              ("loop", ""), ("emdr", "")] for lr in ("0.001", "0.0001")}
     assert added <= set(trained) and all("tau1" in t or "final" in t for t in trained), trained
     with pytest.raises(ValueError, match="--ablations heads: choose from random_heads"):
         compare.compare(cfg, ablations=["heads"], log=lambda *_: None)
-    with pytest.raises(ValueError, match="--methods dream,bm25: choose from dream, replug, infonce"):
+    with pytest.raises(ValueError, match="--methods dream,bm25: choose from dream, replug, adist, loop, emdr, infonce"):
         compare.compare(cfg, methods=["dream", "bm25"], log=lambda *_: None)
     # one method alone: its table has no REPLUG-LSR column values, and nothing else is trained
     trained.clear()
@@ -104,6 +109,15 @@ def test_compare_runs_the_grid_chooses_on_dev_and_writes_intervals(tmp_path, mod
                             methods=["dream"], log=lambda *_: None)
     assert set(final) == {"start encoder", "DREAM", "BM25"} and len(trained) == 2  # start, one grid run
     assert "_heads-gold" in trained[1] and final["DREAM"][0]["heads"].count(",") == 2
+    # tau_g a grid dimension of the methods that have one; the table shows it
+    trained.clear()
+    final = compare.compare(only, grid_lr="1e-3", grid_temperature="0.05", grid_beta="0.1,0.5", seeds=1,
+                            methods=["loop", "emdr"], log=lambda *_: None)
+    assert sorted(os.path.basename(t) for t in trained) == ["emdr_lr0.001_tau0.05", "loop_lr0.001_tau0.05",
+                                                             "loop_lr0.001_tau0.05_beta0.5"]
+    assert {c.beta for c in map(lambda t: compare.Config(**compare.settings(json.loads(open(
+        os.path.join(t, "report.json")).read())["config"])), trained) if c.loss == "loop"} == {0.1, 0.5}
+    assert "| method | lr | tau | tau_g | heads |" in (tmp_path / "only" / "compare.md").read_text()
 
 
 def test_compare_runs_each_reading_as_a_method_and_retrains_what_another_dream_py_trained(tmp_path, model_folders,
@@ -201,7 +215,8 @@ def test_probe_command_prints_a_table_and_one_json_line(tmp_path, model_folders,
                  out_dir=str(tmp_path / "probe"), heads="all", k=3, dev_questions=10, test_questions=10,
                  batch_size=4, seed=0)
     # what signal_probe computes on the way, recorded: each share it reports is a count of these
-    seen = {"probe": [], "replug_step": [], "nll_per_document": []}  # name: [(its arguments, what it gave)]
+    seen = {"probe": [], "replug_step": [], "descent": [], "nll_per_document": [], "adist_mass": [],
+            "loop_losses": [], "token_nll_per_document": []}  # name: [(its arguments, what it gave)]
 
     def recorded(name, real):
         def spy(*args, **kwargs):
@@ -216,29 +231,39 @@ def test_probe_command_prints_a_table_and_one_json_line(tmp_path, model_folders,
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == json.loads((tmp_path / "probe" / "probe.json").read_text()) == result
     assert 1 <= result["questions"] <= 6 and result["chance_first"] == 1 / 3
-    assert "| REPLUG-LSR: its step raises the gold's score most |" in lines[-1]
-    # per batch: probe and replug_step at equal scores, then at the retriever's own scores
-    (equal, own), (replug_equal, replug_own) = (seen["probe"][0::2], seen["probe"][1::2]), \
-        (seen["replug_step"][0::2], seen["replug_step"][1::2])
+    for label in ("REPLUG-LSR", "ADist", "LOOP", "EMDR²"):
+        assert f"| {label}: its step raises the gold's score most |" in lines[-1]
+    # per batch: probe at equal scores, then at the retriever's own scores; at each, replug_step for
+    # REPLUG-LSR, ADist and LOOP (in that order), descent for EMDR²
+    equal, own = seen["probe"][0::2], seen["probe"][1::2]
     assert all(not args[2].any() for args, _ in equal) and all(args[2].any() for args, _ in own)
     useful = [args[3] for args, _ in own]  # the gold's place among each question's k candidates
     assert sum(map(len, useful)) == result["questions"]
     share = lambda hits: int(sum(h.sum() for h in hits)) / result["questions"]
     median = lambda calls: sorted(torch.cat([out["raise"] for _, out in calls]).tolist())[result["questions"] // 2]
+    steps = {"replug": seen["replug_step"][0::3], "adist": seen["replug_step"][1::3],
+             "loop": seen["replug_step"][2::3], "emdr": seen["descent"]}
+    views = {"replug": [-nll for _, nll in seen["nll_per_document"]], "adist": [a for _, a in seen["adist_mass"]],
+             "loop": [l for _, l in seen["loop_losses"]],
+             "emdr": [-(nll * t[:, None]).sum(-1) for _, (nll, t) in seen["token_nll_per_document"]]}
+    assert all(len(calls) == 2 * len(useful) for calls in steps.values())
     want = {"equal_raises_gold": share(out["raise"] > 0 for _, out in equal),
             "equal_favours_gold": share(out["favours"] == u for (_, out), u in zip(equal, useful)),
             "own_raises_gold": share(out["raise"] > 0 for _, out in own),
             "own_favours_gold": share(out["favours"] == u for (_, out), u in zip(own, useful)),
             "focus_on_gold_lowest_loss": share(out["focused"] == u for (_, out), u in zip(own, useful)),
-            "replug_ranks_gold_first": share(nll.argmin(1) == u
-                                             for (_, nll), u in zip(seen["nll_per_document"], useful)),
-            "replug_equal_raises_gold": share(up > 0 for _, (up, _) in replug_equal),
-            "replug_equal_favours_gold": share(favours == u for (_, (_, favours)), u in zip(replug_equal, useful)),
-            "replug_own_raises_gold": share(up > 0 for _, (up, _) in replug_own),
-            "replug_own_favours_gold": share(favours == u for (_, (_, favours)), u in zip(replug_own, useful)),
             "retriever_ranks_gold_first": share(args[2].argmax(1) == u for (args, _), u in zip(own, useful)),
             "equal_median_raise": median(equal), "own_median_raise": median(own)}
+    for m, calls in steps.items():
+        for at, part in (("equal", calls[0::2]), ("own", calls[1::2])):
+            want[f"{m}_{at}_raises_gold"] = share(up > 0 for _, (up, _) in part)
+            want[f"{m}_{at}_favours_gold"] = share(favours == u for (_, (_, favours)), u in zip(part, useful))
+        want[f"{m}_ranks_gold_first"] = share(v.argmax(1) == u for v, u in zip(views[m], useful))
     assert {key: result[key] for key in want} == want
+    # the REPLUG-LSR target is softmax(-nll / beta), ADist's softmax(alpha / beta), LOOP's softmax(l_-i / beta)
+    for m in ("replug", "adist", "loop"):
+        for (args, _), v in zip(steps[m][0::2], views[m]):
+            torch.testing.assert_close(args[1], torch.softmax(v / cfg.beta, -1))
 
 
 # -----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ def recorded_commands():
     for command in re.findall(r"`(python compare\.py [^`]*--out-dir results/[^`]*)`", text):
         argv = shlex.split(command)[2:]
         folder = argv[argv.index("--out-dir") + 1]
-        if not os.path.isdir(os.path.join(HERE, folder)):  # a pattern (results/probe-readings/<run>): no table
+        if not os.path.isdir(os.path.join(HERE, folder)) or "--probe" in argv:  # a pattern, or a probe: no table
             continue
         table = argv[argv.index("--table") + 1] if "--table" in argv else "compare"
         found.append((folder, table, argv))

@@ -23,7 +23,8 @@ import dream
 import eval as beir_eval
 import objectives
 import train
-from conftest import TOK, WORLD, encoded, tiny_encoder_folder, tiny_lm, tiny_training_setup, toy_batch
+from conftest import (TOK, WORLD, encoded, tiny_encoder_folder, tiny_lm, tiny_training_setup, toy_batch,
+                      toy_questions)
 
 
 # -----------------------------------------------------------------------------
@@ -114,15 +115,6 @@ def test_training_data_errors_name_the_file_and_line(tmp_path):
 
 # -----------------------------------------------------------------------------
 # the step losses: REPLUG-LSR, question-normalised DREAM, centred scores; fp32 under bf16 autocast
-
-
-def toy_questions(queries, docs, targets):
-    """train.py's view of toy_batch(): questions with candidate indices, and each passage's token ids."""
-    questions = [{"query": q, "target": y, "candidates": [3 * b + i for i in range(3)], "gold": None}
-                 for b, (q, y) in enumerate(zip(queries, targets))]
-    doc_ids = {3 * b + i: TOK(d, add_special_tokens=False)["input_ids"] for b, ds in enumerate(docs)
-               for i, d in enumerate(ds)}
-    return questions, doc_ids
 
 
 def test_replug_matches_the_lm_per_document_and_pulls_every_candidate(tmp_path):
@@ -288,7 +280,8 @@ def test_every_flag_explains_itself_with_its_default_and_choices(capsys, monkeyp
 
     code, text = help_of(train.parse_args, ["--help"])
     assert code == 0
-    assert re.search(r"--loss \{dream,replug,infonce\}\s+dream; or the baselines .*\(default: dream\)", text), text
+    assert re.search(r"--loss \{dream,replug,adist,loop,emdr,infonce\}\s+dream; or the label-free baselines .*"
+                     r"\(default: dream\)", text), text
     for f in dataclasses.fields(config.Config):  # the help and the choices are written once, on the field
         flag = "--" + f.name.replace("_", "-")
         assert re.search(rf"^  {flag}[ ,\[]", text, re.M), flag
@@ -301,7 +294,8 @@ def test_every_flag_explains_itself_with_its_default_and_choices(capsys, monkeyp
     assert re.search(r"--lr LR\s+.*\(default: 0\.001\)", text)
     assert re.search(r"--out-dir OUT_DIR\s+.*\(default: out/decoder\)", text)
     code, text = help_of(train.parse_args, ["--small", "--loss", "bm25"])  # a bad choice: argparse names the choices
-    assert code == 2 and "argument --loss: invalid choice: 'bm25' (choose from 'dream', 'replug', 'infonce')" in text
+    assert code == 2 and ("argument --loss: invalid choice: 'bm25' (choose from 'dream', 'replug', 'adist', 'loop', "
+                          "'emdr', 'infonce')") in text
     with pytest.raises(ValueError, match=r"--pooling 'max': choose '', mean, cls, last"):  # from Python, no argparse
         train.train(config.Config(pooling="max"))
     with pytest.raises(ValueError, match=r"--head-source 'labels': choose gold, loo"):

@@ -159,7 +159,7 @@ def setup(cfg, log):
         raise ValueError(f"--batch-size {cfg.batch_size} does not split over {world} processes: "
                          f"use a multiple of {world}")
     if cfg.center and (cfg.loss == "infonce" or cfg.batch_size // world < 2):
-        raise ValueError(f"--center: needs --loss dream or replug and 2 or more questions a batch on each "
+        raise ValueError(f"--center: needs a label-free loss (not infonce) and 2 or more questions a batch on each "
                          f"process (--batch-size {cfg.batch_size}, {world} processes): raise --batch-size")
     for f in dataclasses.fields(Config):  # a Config built in Python has not met argparse's choices
         allowed, value = f.metadata["choices"], getattr(cfg, f.name)
@@ -217,7 +217,7 @@ def evaluation(run, when):
 
 
 # settings that only training reads: the start encoder's evaluation is the same whatever they are
-TRAINING_ONLY = {"loss", "beta", "heads", "head_count", "head_source", "detection_questions", "steps", "lr",
+TRAINING_ONLY = {"loss", "beta", "adist_rows", "adist_values", "heads", "head_count", "head_source", "detection_questions", "steps", "lr",
                  "warmup_steps", "weight_decay", "grad_clip", "normalize", "center", "seed", "out_dir", "resume",
                  "health_every", "health_questions", "health_pool", "prefix_cache_gb", "evaluate_before",
                  "checkpoint_every", "gradient_checkpointing"}
