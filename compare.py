@@ -223,7 +223,8 @@ def report_tables(cfg, grid, best, final, ablation_rows, dev_sets=(), shown_beta
     chosen_on = " and ".join(["QA dev"] + list(dev_sets))
     lines = [f"## The grid (nDCG@10 on dev; each method's best dev score, the mean of {chosen_on}, in bold, is "
              "the one reported)", "",
-             "| method | lr | tau | " + ("tau_g | " if shown_beta else "") + "heads | QA dev nDCG@10 | " + "".join(f"{n} nDCG@10 | " for n in dev_sets) +
+             "| method | lr | tau | " + ("tau_g | " if shown_beta else "") + "heads | QA dev nDCG@10 | " +
+             "".join(f"{n} nDCG@10 | " for n in dev_sets) +
              "dev score | QA dev R@100 | health (QA dev nDCG@10, small pool) by step | s/step |",
              "|---|---|---|---|---|" + "---|" * (len(dev_sets) + bool(shown_beta)) + "---|---|---|---|"]
     for folder, (name, lr, tau, heads, beta, r) in grid.items():

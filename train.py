@@ -217,8 +217,9 @@ def evaluation(run, when):
 
 
 # settings that only training reads: the start encoder's evaluation is the same whatever they are
-TRAINING_ONLY = {"loss", "beta", "adist_rows", "adist_values", "heads", "head_count", "head_source", "detection_questions", "steps", "lr",
-                 "warmup_steps", "weight_decay", "grad_clip", "normalize", "center", "seed", "out_dir", "resume",
+TRAINING_ONLY = {"loss", "beta", "adist_rows", "adist_values", "heads", "head_count", "head_source",
+                 "detection_questions", "steps", "lr", "warmup_steps", "weight_decay", "grad_clip", "normalize",
+                 "center", "seed", "out_dir", "resume",
                  "health_every", "health_questions", "health_pool", "prefix_cache_gb", "evaluate_before",
                  "checkpoint_every", "gradient_checkpointing"}
 
