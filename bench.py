@@ -196,7 +196,7 @@ def main():
     doc_ids = {j: tok(text, add_special_tokens=False)["input_ids"] for j, text in passages.items()}
     scorer = objectives.Scorer(retriever)
     def objective_step(loss):
-        for cache in (objectives.NLLS, objectives.LOOPS, objectives.TOKEN_NLLS, objectives.PREFIXES.items):
+        for cache in (objectives.LOOPS, objectives.TOKEN_NLLS, objectives.PREFIXES.items):
             cache.clear()
         objectives.PREFIXES.bytes = 0
         cfg = Config(loss=loss, k=k, max_doc_tokens=128, heads=args.heads)

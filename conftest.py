@@ -35,7 +35,7 @@ def own_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(train, "CACHE", folder)
     monkeypatch.setenv("DREAM_CACHE", folder)
     # the frozen LM's per-question values are kept by question and candidates: tests reuse both
-    for cache in (objectives.NLLS, objectives.LOOPS, objectives.TOKEN_NLLS, objectives.PREFIXES.items):
+    for cache in (objectives.LOOPS, objectives.TOKEN_NLLS, objectives.PREFIXES.items):
         cache.clear()
     objectives.PREFIXES.bytes = 0
 

@@ -77,7 +77,6 @@ class PrefixStore:
 
 
 PREFIXES = PrefixStore()
-NLLS = {}  # the frozen LM's per-document losses of a question: the same in every step and run
 
 
 # -----------------------------------------------------------------------------
@@ -124,7 +123,7 @@ def step_loss(cfg, lm, tok, model, questions, passages, doc_ids, idx, device):
 
 
 def question_keys(lm, questions, idx, cfg):
-    """The questions idx, and each one's key in a store of the frozen LM's values (NLLS, LOOPS,
+    """The questions idx, and each one's key in a store of the frozen LM's values (LOOPS,
     TOKEN_NLLS): the LM, the question, its target, its candidates and how they are cut."""
     qs = [questions[i] for i in idx]
     return qs, [(lm.config._name_or_path, lm.dtype, q["query"], q["target"], tuple(q["candidates"]),
@@ -205,14 +204,10 @@ def centered_scores(model, queries, docs):
 
 
 def nll_per_document(lm, tok, questions, doc_ids, idx, cfg, device):
-    """[B, k]: the frozen LM's mean target-token loss with one candidate at a time as its context."""
-    qs, keys = question_keys(lm, questions, idx, cfg)
-    if any(key not in NLLS for key in keys):
-        one = [(q["query"], [doc_ids[j]], q["target"]) for q in qs for j in q["candidates"]]
-        batch = dream.pack(tok, *zip(*one), max_doc_tokens=cfg.max_doc_tokens).to(device)
-        nll = dream.dream_loss(lm, batch, torch.zeros(len(one), 1, device=device), reduction="none")
-        NLLS.update(zip(keys, nll.view(len(qs), -1).cpu()))
-    return torch.stack([NLLS[key] for key in keys]).to(device)
+    """[B, k]: the frozen LM's mean target-token loss with one candidate at a time as its context
+    (REPLUG-LSR's), from the per-token losses EMDR² reads: one set of forwards serves both."""
+    nll, is_target = token_nll_per_document(lm, tok, questions, doc_ids, idx, cfg, device)
+    return (nll * is_target[:, None]).sum(-1) / is_target.sum(-1, keepdim=True)
 
 
 def infonce_loss(cfg, model, questions, passages, idx):
