@@ -163,14 +163,14 @@ def main():
     say(f"one layer's attention: hand-written + bias {t_hand * 1e3:.1f} ms, SDPA + bias as a float mask "
         f"{t_fast * 1e3:.1f} ms, SDPA {t_sdpa * 1e3:.1f} ms")
 
-    # the retriever's side of a step: scores with grad vs SentenceTransformer.encode, same texts
+    # the retriever's side of a step: scores with grad vs encode_query and encode_document, same texts
     flat = [text for ds in docs for text in ds]
     def score_with_grad():
         with autocast:
             dream.score(retriever, queries, docs)
     def encode():
-        retriever.encode(queries, batch_size=len(flat))
-        retriever.encode(flat, batch_size=len(flat))
+        retriever.encode_query(queries, batch_size=len(flat))
+        retriever.encode_document(flat, batch_size=len(flat))
     t_score, t_encode = timed(score_with_grad, args.repeats), timed(encode, args.repeats)
     say(f"retriever, {B} queries and {B * k} documents: dream.score with grad {t_score * 1e3:.0f} ms, "
         f"SentenceTransformer.encode {t_encode * 1e3:.0f} ms")
@@ -184,8 +184,8 @@ def main():
             loss = dream.dream_loss(lm, batch, dream.score(decoder, queries, docs), heads=args.heads)
         loss.backward()
     t_decoder_step = timed(decoder_step, args.repeats)
-    t_decoder_encode = timed(lambda: decoder.encode(flat, batch_size=len(flat)), args.repeats)
-    t_minilm_encode = timed(lambda: retriever.encode(flat, batch_size=len(flat)), args.repeats)
+    t_decoder_encode = timed(lambda: decoder.encode_document(flat, batch_size=len(flat)), args.repeats)
+    t_minilm_encode = timed(lambda: retriever.encode_document(flat, batch_size=len(flat)), args.repeats)
     say(f"decoder retriever: DREAM step {t_decoder_step * 1e3:.0f} ms; encoding {len(flat)} documents "
         f"{t_decoder_encode * 1e3:.0f} ms (all-MiniLM-L6-v2 {t_minilm_encode * 1e3:.0f} ms)")
 

@@ -37,7 +37,7 @@ from eval import encode, evaluate_beir, evaluate_questions, ids_and_texts, load_
 from config import Config, add_config_flags, load_lm, resolve_models, settings
 from objectives import (adist_mass, emdr_loss, examples, lm_batch, loop_losses, nll_per_document,
                         token_nll_per_document)
-from train import choose_heads, code_version, train
+from train import choose_heads, code_version, load_encoder, train
 
 # -----------------------------------------------------------------------------
 # the grid on QA dev, the report on QA test and BEIR with paired bootstrap intervals
@@ -373,9 +373,9 @@ def drift(encoders, folder, split="train", start="", queries=300, docs=600, seed
              "|---|---|---|---|---|"]
     for name in encoders:
         model = SentenceTransformer(start if name == "start" else name)
-        q = encode(model, [texts[i] for i in qids])
-        g = encode(model, ids_and_texts([corpus[d] for d in judged])[1])
-        o = encode(model, ids_and_texts([corpus[d] for d in others])[1])
+        q = encode(model, [texts[i] for i in qids], task="query")
+        g = encode(model, ids_and_texts([corpus[d] for d in judged])[1], task="document")
+        o = encode(model, ids_and_texts([corpus[d] for d in others])[1], task="document")
         to_judged, to_other, pairs = (q * g).sum(1), q @ o.T, o @ o.T
         doc_doc = (pairs.sum() - pairs.diagonal().sum()) / (len(o) * (len(o) - 1))
         first = (to_other < to_judged[:, None]).all(1).float().mean()
@@ -427,7 +427,7 @@ def signal_probe(cfg, questions=64, log=print):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lm_name, encoder_name = resolve_models(cfg, log)
     lm, tok = load_lm(lm_name, log, device=device)
-    retriever = dream.load_retriever(encoder_name, pooling=cfg.pooling or None, device=device)
+    retriever = load_encoder(dataclasses.replace(cfg, lora=0, train_side="both"), encoder_name, device)  # its prompts
     train_qs, dev_qs, _, passages, doc_ids = load_data(cfg, tok, log)
     os.makedirs(cfg.out_dir, exist_ok=True)
     heads = choose_heads(cfg, lm, tok, train_qs, passages, log)

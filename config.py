@@ -65,6 +65,13 @@ class Config:
     lora: int = option(0, "> 0: train LoRA adapters of this rank instead of every weight")
     pooling: str = option("", 'mean | cls | last; "" = the encoder\'s sentence-transformers setting',
                           ("", "mean", "cls", "last"))
+    query_prompt: str = option("", 'the text before each query (e.g. "query: "), saved in the model as its '
+                               'prompts["query"] (encode_query reads it); "" = the model\'s own')
+    document_prompt: str = option("", 'the text before each document (e.g. "passage: "): prompts["document"]; "" = '
+                                  "the model's own")
+    train_side: str = option("both", "both: queries and documents through the encoder trained; query: documents "
+                             "through the start encoder, frozen (an index built with it stays valid), saved as a "
+                             "Router", ("both", "query"))
     dtype: str = option("auto", "bf16 (autocast; the frozen LM stored in bf16) or fp32; auto: bf16 on GPUs",
                         ("auto", "bf16", "fp32"))
     gradient_checkpointing: bool = option(False, "recompute the frozen LM's layers in the backward: less memory")

@@ -30,7 +30,8 @@ and its gradient reaches the retriever through p alone: the LM is frozen, and th
 relevance labels. Whichever document helps the LM predict y is pulled up.
 
 The retriever is any sentence-transformers model; score(retriever, queries, docs) gives its [B, k]
-cosines with grad. This is our reading of arXiv 2606.24667, whose equations are not public.
+cosines with grad, as encode_query and encode_document would (prompts, routes). This is our reading
+of arXiv 2606.24667, whose equations are not public.
 
 Sections: 1 score-biased attention, 2 the frozen LM, 3 packing a batch, 4 the loss, 5 the retriever.
 Finding the heads to bias (retrieval heads, as QRHead finds them) is heads.py. This file needs torch
@@ -473,21 +474,25 @@ def load_retriever(name_or_path, pooling=None, lora=0, device=None, chat_templat
     return retriever.eval()  # as transformers loads a model (no dropout); .train() to train
 
 
-def embed(retriever, texts):
-    """[N, d] unit vectors with grad: the training path of SentenceTransformer.encode."""
-    features = retriever.preprocess(list(texts))
+def embed(retriever, texts, task=None):
+    """[N, d] unit vectors with grad: the training path of encode_query (task "query"), encode_document
+    ("document") or encode (None): the model's own prompt for the task, its Router's route for it."""
+    names = {"query": ["query"], "document": ["document", "passage", "corpus"]}.get(task, [])
+    name = next((n for n in names if n in retriever.prompts), retriever.default_prompt_name)
+    features = retriever.preprocess(list(texts), prompt=retriever.prompts.get(name), task=task)
     features = {key: value.to(retriever.device) if torch.is_tensor(value) else value
                 for key, value in features.items()}
-    return F.normalize(retriever(features)["sentence_embedding"].float(), dim=-1)
+    return F.normalize(retriever(features, task=task)["sentence_embedding"].float(), dim=-1)
 
 
 def score(retriever, queries, docs):
-    """[B, k] cosine scores with grad of B queries against their B lists of k documents: one
-    forward for the queries, one for all the documents (a query padded to a document's length
-    would cost)."""
+    """[B, k] cosine scores with grad of B queries against their B lists of k documents (or those
+    documents' [B, k, d] unit embeddings, kept from a frozen document encoder): one forward for the
+    queries, one for all the documents (a query padded to a document's length would cost)."""
     if len(docs) != len(queries) or len({len(ds) for ds in docs}) != 1:
         raise ValueError(f"score: {len(queries)} queries and document lists of {sorted({len(ds) for ds in docs})} "
                          "documents; give each query a list of the same k documents")
-    d = embed(retriever, [text for ds in docs for text in ds]).view(len(docs), len(docs[0]), -1)
+    d = docs if torch.is_tensor(docs) else \
+        embed(retriever, [text for ds in docs for text in ds], "document").view(len(docs), len(docs[0]), -1)
     with torch.autocast(d.device.type, enabled=False):  # fp32 cosines: bf16 would round s/tau by ~0.08
-        return torch.einsum("bd,bkd->bk", embed(retriever, queries), d)
+        return torch.einsum("bd,bkd->bk", embed(retriever, queries, "query"), d)

@@ -3,7 +3,7 @@ Evaluate a retriever on BEIR datasets: exact dense search, optional BM25, BEIR's
 
     python eval.py --encoder NAME_OR_DIR --data DIR_OR_NAME [--data ...] [--split test]
                    [--out results.json] [--save-run run.tsv] [--bm25] [--batch-size 64]
-                   [--max-seq-length 256] [--dtype bf16]
+                   [--max-seq-length 256] [--dtype bf16] [--query-prompt "query: "] [--document-prompt ...]
     python eval.py --bm25 --data DIR_OR_NAME [--data ...]      (BM25 alone, no encoder)
     torchrun --standalone --nproc_per_node=2 eval.py --encoder ... --data ...
 
@@ -11,7 +11,10 @@ Under torchrun each process encodes one slice of the corpus (and of the queries)
 the embeddings: the scores are one process's (up to rounding); only rank 0 prints and writes files.
 
 --encoder  a hub name or a local folder (a sentence-transformers model, e.g. train.py's out_dir/encoder). Give
-           --encoder, --bm25 or both.
+           --encoder, --bm25 or both. Queries are encoded by its encode_query, documents by its
+           encode_document: its own prompts and, for a Router model, its query and document routes.
+--query-prompt, --document-prompt  set the encoder's prompts (e.g. "query: ", "passage: ") where it
+           does not carry the ones its card asks for.
 --data     a folder in BEIR layout (below), or a bare BEIR name such as scifact or nfcorpus,
            downloaded once from the official BEIR release into ~/.cache/dream/beir/<name>
            (offline, with HF_HUB_OFFLINE=1, pass the folder instead).
@@ -207,17 +210,19 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def encode(retriever, texts, batch_size=64, progress=False):
-    """[N, d] float32 unit vectors on the CPU, without grad (SentenceTransformer.encode; the
-    retriever's train/eval mode is kept). In a process group every rank encodes one contiguous
-    slice, and every rank gets all N rows back, in order."""
+def encode(retriever, texts, batch_size=64, progress=False, task=None):
+    """[N, d] float32 unit vectors on the CPU, without grad (SentenceTransformer.encode_query for
+    task "query", encode_document for "document", where the retriever has them, else encode; its
+    train/eval mode is kept). In a process group every rank encodes one contiguous slice, and every
+    rank gets all N rows back, in order."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     texts = list(texts)
+    method = getattr(retriever, f"encode_{task}", retriever.encode) if task else retriever.encode
 
     def own(part, progress):
         was_training = retriever.training
-        out = retriever.encode(part, batch_size=batch_size, show_progress_bar=progress, convert_to_tensor=True,
-                               normalize_embeddings=True)
+        out = method(part, batch_size=batch_size, show_progress_bar=progress, convert_to_tensor=True,
+                     normalize_embeddings=True)
         retriever.train(was_training)
         return out.float().cpu()
 
@@ -279,14 +284,15 @@ def top_k_search(q, d, k, query_block=256, doc_block=8192):
 
 
 def dense_search(retriever, corpus, queries, top_k=100, batch_size=64, progress=True):
-    """Exact cosine search with a SentenceTransformer (anything with its .encode).
+    """Exact cosine search with a SentenceTransformer (its encode_query and encode_document; anything
+    with an .encode will do).
     corpus: {doc id: {"title", "text"}} or a list of strings; queries: {qid: text} or a list
     (with lists the ids are positions). Given ids, a document named like its query is dropped.
     In a process group (init_distributed) the ranks share the encoding and all return the run."""
     doc_ids, doc_texts = ids_and_texts(corpus)
     qids, query_texts = ids_and_texts(queries)
-    d = encode(retriever, doc_texts, batch_size=batch_size, progress=progress)
-    q = encode(retriever, query_texts, batch_size=batch_size, progress=progress)
+    d = encode(retriever, doc_texts, batch_size=batch_size, progress=progress, task="document")
+    q = encode(retriever, query_texts, batch_size=batch_size, progress=progress, task="query")
     scores, indices = top_k_search(q, d, top_k + 1)
     return to_run(qids, doc_ids, scores, indices, top_k, drop_self=isinstance(queries, dict))
 
@@ -508,6 +514,8 @@ def main():
     parser.add_argument("--max-seq-length", type=int, help="cut each text to this many encoder tokens; "
                         "None: the encoder's own setting")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: encode under autocast")
+    parser.add_argument("--query-prompt", help="the text before each query (the encoder's prompts['query'])")
+    parser.add_argument("--document-prompt", help="the text before each document (prompts['document'])")
     args = parser.parse_args()
     if not args.encoder and not args.bm25:
         parser.error("nothing to evaluate: give --encoder NAME_OR_DIR and/or --bm25")
@@ -532,6 +540,9 @@ def main():
             retriever = load_retriever(args.encoder, device=device)
         if args.max_seq_length:
             retriever.max_seq_length = args.max_seq_length
+        for task, prompt in (("query", args.query_prompt), ("document", args.document_prompt)):
+            if prompt is not None:
+                retriever.prompts[task] = prompt
         tag = os.path.basename(os.path.normpath(args.encoder))
     several_runs = len(args.data) * (bool(args.encoder) + args.bm25) > 1
     results, names = {}, []

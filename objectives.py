@@ -34,14 +34,31 @@ def lm_batch(tok, questions, doc_ids, idx, cfg):
 
 
 class Scorer(torch.nn.Module):
-    """The retriever as one forward call (what DDP wraps): [B, k] scores, or texts' embeddings."""
+    """The retriever as one forward call (what DDP wraps): [B, k] scores of B queries' lists of k
+    documents, or (query, document) embeddings of a flat list of documents. frozen_documents
+    (--train-side query): each document embedded once by encode_document, without grad, and kept."""
 
-    def __init__(self, retriever):
+    def __init__(self, retriever, frozen_documents=False):
         super().__init__()
-        self.retriever = retriever
+        self.retriever, self.kept = retriever, {} if frozen_documents else None
 
-    def forward(self, queries, docs=None):
-        return dream.embed(self.retriever, queries) if docs is None else dream.score(self.retriever, queries, docs)
+    def documents(self, texts):
+        if self.kept is None:
+            return dream.embed(self.retriever, texts, "document")
+        new = [text for text in dict.fromkeys(texts) if text not in self.kept]
+        if new:  # encode_document leaves the model in eval mode: the query side's dropout comes back after
+            training = self.retriever.training
+            self.kept.update(zip(new, self.retriever.encode_document(new, batch_size=len(new), convert_to_tensor=True,
+                                                                     normalize_embeddings=True).float()))
+            self.retriever.train(training)
+        return torch.stack([self.kept[text] for text in texts])
+
+    def forward(self, queries, docs):
+        if docs and isinstance(docs[0], str):
+            return dream.embed(self.retriever, queries, "query"), self.documents(docs)
+        if self.kept is not None:
+            docs = self.documents([text for ds in docs for text in ds]).view(len(docs), len(docs[0]), -1)
+        return dream.score(self.retriever, queries, docs)
 
 
 class PrefixStore:
@@ -196,9 +213,9 @@ def centered_scores(model, queries, docs):
     """[B, k]: each query's scores of its k documents, less each document's mean score against
     the batch's other B - 1 queries: a score that every query gives a document cancels."""
     B, k = len(docs), len(docs[0])
-    e = model(list(queries) + [text for ds in docs for text in ds])  # one call: one DDP forward
-    with torch.autocast(e.device.type, enabled=False):  # fp32 cosines, as dream.score
-        s = (e[:B] @ e[B:].T).view(B, B, k)  # s[a, b, j]: query a against example b's document j
+    q, d = model(list(queries), [text for ds in docs for text in ds])  # one call: one DDP forward
+    with torch.autocast(q.device.type, enabled=False):  # fp32 cosines, as dream.score
+        s = (q @ d.T).view(B, B, k)  # s[a, b, j]: query a against example b's document j
     own = s[range(B), range(B)]
     return own - (s.sum(0) - own) / (B - 1)
 
@@ -221,9 +238,9 @@ def infonce_loss(cfg, model, questions, passages, idx):
                          "--corpus alone a sibling (--corpus-siblings 1)")
     groups = [[gold] + [j for j in q["candidates"] if j != gold][:cfg.k - 1] for q, gold in zip(qs, golds)]
     flat = [j for g in groups for j in g]
-    e = model([q["query"] for q in qs] + [passages[j] for j in flat])  # one call: one DDP forward
-    with torch.autocast(e.device.type, enabled=False):  # fp32 cosines, as dream.score
-        logits = e[:len(qs)] @ e[len(qs):].T / cfg.temperature                   # [B, B * k]
+    queries, docs = model([q["query"] for q in qs], [passages[j] for j in flat])  # one call: one DDP forward
+    with torch.autocast(queries.device.type, enabled=False):  # fp32 cosines, as dream.score
+        logits = queries @ docs.T / cfg.temperature  # [B, B * k]
     positive = torch.arange(len(qs), device=logits.device) * cfg.k
     # a question's gold paragraph may be another question's candidate too: there it is no negative
     copy = torch.tensor([[j == gold for j in flat] for gold in golds], device=logits.device)

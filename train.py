@@ -32,6 +32,7 @@ import sentence_transformers
 import torch
 import torch.distributed as dist
 import transformers
+from sentence_transformers.sentence_transformer.modules import Router
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
@@ -150,6 +151,24 @@ class Run:
     health_pool: list
 
 
+def load_encoder(cfg, name, device):
+    """The retriever to train, its prompts set by --query-prompt/--document-prompt (saved with it).
+    --train-side query: one SentenceTransformer whose Router sends queries through it and documents
+    through the start encoder, frozen (with LoRA: the base model, no adapter)."""
+    retriever = dream.load_retriever(name, pooling=cfg.pooling or None, lora=cfg.lora, device=device)
+    retriever.prompts.update({task: prompt for task, prompt in (("query", cfg.query_prompt),
+                                                                ("document", cfg.document_prompt)) if prompt})
+    if cfg.train_side == "both":
+        return retriever
+    if any(isinstance(module, Router) for module in retriever):
+        raise ValueError(f"--train-side query: {name} already routes queries and documents apart; "
+                         "train it with --train-side both")
+    start = dream.load_retriever(name, pooling=cfg.pooling or None, device=device).requires_grad_(False)
+    router = Router.for_query_document(query_modules=list(retriever), document_modules=list(start))
+    return sentence_transformers.SentenceTransformer(modules=[router], device=device, prompts=retriever.prompts,
+                                                     default_prompt_name=retriever.default_prompt_name).eval()
+
+
 def setup(cfg, log):
     """The processes (torchrun), the frozen LM, the retriever, the data and the heads."""
     rank, world, device = init_distributed()
@@ -177,9 +196,10 @@ def setup(cfg, log):
                       gradient_checkpointing=cfg.gradient_checkpointing)
     if rank == 0 and world > 1:
         dist.barrier()
-    retriever = dream.load_retriever(encoder_name, pooling=cfg.pooling or None, lora=cfg.lora, device=device)
+    retriever = load_encoder(cfg, encoder_name, device)
+    model = Scorer(retriever, frozen_documents=cfg.train_side == "query")
     # BERT's pooler, say, is computed but unused by mean pooling: DDP must not wait for its gradient
-    model = DDP(Scorer(retriever), find_unused_parameters=True) if world > 1 else Scorer(retriever)
+    model = DDP(model, find_unused_parameters=True) if world > 1 else model
     if cfg.heads not in ("auto", "random") and not os.path.isfile(cfg.heads):
         dream.resolve_heads(lm, cfg.heads)  # a bad head fails now, not after the data is ready
     train_qs, dev_qs, test_qs, passages, doc_ids = load_data(cfg, tok, log)
@@ -421,12 +441,21 @@ def train(cfg, log=tqdm.write):
     return finish(run, report, step_times, t0)
 
 
+def save_encoder(retriever, path):
+    """SentenceTransformer(path) loads it (with LoRA: the adapter). A Router's LoRA route is saved
+    merged into its weights: sentence-transformers 6.3 cannot load an adapter inside a Router."""
+    for route in retriever[0].sub_modules.values() if isinstance(retriever[0], Router) else []:
+        if hasattr(route[0].model, "merge_and_unload"):
+            route[0].model = route[0].model.merge_and_unload()
+    retriever.save(path)
+
+
 def finish(run, report, step_times, t0):
     """Save the encoder, evaluate it, write report.json: (the retriever, the report)."""
     run.retriever.eval()
     encoder_dir = os.path.join(run.cfg.out_dir, "encoder")
     if run.rank == 0:
-        run.retriever.save(encoder_dir)  # SentenceTransformer(encoder_dir) loads it (with LoRA: the adapter)
+        save_encoder(run.retriever, encoder_dir)
     report["after"] = evaluation(run, "the trained encoder")
     report["seconds_per_step"] = sum(step_times) / max(len(step_times), 1)
     report["seconds"] = time.time() - t0
