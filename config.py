@@ -47,8 +47,8 @@ class Config:
     loss: str = option("dream", "dream; or the label-free baselines replug (REPLUG-LSR: perplexity distillation), "
                        "adist (attention distillation), loop (leave-one-out), emdr (EMDR²); or infonce (gold labels)",
                        ("dream", "replug", "adist", "loop", "emdr", "infonce"))
-    heads: str = option("auto", "biased heads (adist: the heads it distils): auto (ranked, QRHead; dev's choice), all, random, a layer slice, "
-                        '"layer-head,..." pairs, or a file holding them')
+    heads: str = option("auto", "biased heads (adist: the heads it distils; the other losses read none): auto (ranked, QRHead; "
+                        'dev\'s choice), all, random, a layer slice, "layer-head,..." pairs, or a file holding them')
     reading: str = option("scale", "dream: scale (bias log p_i + log k) or set (document i gets p_i of the "
                           "documents' mass)", ("scale", "set"))
     hide_documents: bool = option(False, "dream: the unselected heads' query and target rows see no document")

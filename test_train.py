@@ -138,6 +138,16 @@ def test_replug_matches_the_lm_per_document_and_pulls_every_candidate(tmp_path):
     assert (scores.grad != 0).all()  # every candidate's score is pulled, not only the last one's
 
 
+def test_only_the_losses_that_read_heads_rank_them(tmp_path, monkeypatch):
+    ranked = []
+    monkeypatch.setattr(train, "detect_heads", lambda cfg, *_: ranked.append(cfg.loss) or "0-0")
+    for loss in ("replug", "loop", "emdr", "infonce", "dream", "adist"):
+        cfg = dataclasses.replace(tiny_training_setup(tmp_path), loss=loss, heads="auto")
+        run = train.setup(cfg, lambda *_: None)
+        assert run.cfg.heads == ("0-0" if loss in ("dream", "adist") else "all")
+    assert ranked == ["dream", "adist"]
+
+
 def test_question_normalised_dream_gives_every_question_a_unit_gradient(tmp_path):
     cfg = dataclasses.replace(tiny_training_setup(tmp_path), k=3, normalize="question")
     lm = dream.prepare_lm(tiny_lm("llama"))

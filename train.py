@@ -204,6 +204,8 @@ def setup(cfg, log):
         dream.resolve_heads(lm, cfg.heads)  # a bad head fails now, not after the data is ready
     train_qs, dev_qs, test_qs, passages, doc_ids = load_data(cfg, tok, log)
     log(f"{time.time() - t0:.0f}s to set up" + (f"; {world} processes" if world > 1 else ""))
+    if cfg.loss not in ("dream", "adist") and cfg.heads in ("auto", "random"):
+        cfg = dataclasses.replace(cfg, heads="all")  # no other loss reads heads: rank none
     heads_file = os.path.join(cfg.out_dir, "heads.txt")
     if cfg.heads == "auto" and cfg.resume and os.path.exists(heads_file):
         cfg = dataclasses.replace(cfg, heads=heads_file)  # the heads the run began with
