@@ -27,7 +27,8 @@ the embeddings: the scores are one process's (up to rounding); only rank 0 print
            encoder's own setting: 256 word pieces for all-MiniLM-L6-v2, but the whole context, 8,192
            tokens, for a decoder retriever built from a plain LM such as train.py --decoder's).
 --dtype    fp32 (default) or bf16: encode under bf16 autocast, about 2x faster on CPUs with bf16
-           support, the embeddings close to fp32's but not equal (numbers not comparable to fp32's).
+           support, the embeddings close to fp32's but not equal (numbers not comparable to fp32's);
+           on a CPU without AVX-512 bf16 is emulated and far slower: eval.py warns.
 --save-run TREC run file(s) "qid Q0 docid rank score tag". With more than one run to save, the
            result key goes before the extension: run.scifact.tsv, run.scifact.bm25.tsv.
 
@@ -525,6 +526,10 @@ def main():
     rank, world, device = init_distributed()
     master = rank == 0  # the one process that talks and writes files
     log = lambda message: print(message, file=sys.stderr) if master else None
+    cpu = torch.backends.cpu.get_cpu_capability()
+    if args.dtype == "bf16" and torch.device(device).type == "cpu" and cpu != "AVX512":
+        log(f"warning: --dtype bf16 on a CPU without AVX-512 ({cpu}): bf16 is emulated, far slower than "
+            "--dtype fp32 (a decoder retriever on SciFact: hours, not minutes, on an AVX2 CPU)")
     # the other ranks' loading bars and warnings would repeat rank 0's (exceptions still show)
     quiet = contextlib.nullcontext if master else lambda: contextlib.redirect_stderr(io.StringIO())
     try:  # find or download every dataset before the encoder loads; rank 0 downloads, then the rest

@@ -301,12 +301,14 @@ def test_command_line_cuts_texts_and_encodes_in_bf16(tmp_path, monkeypatch, caps
     out = tmp_path / "results.json"
     monkeypatch.setattr(sys, "argv", ["eval.py", "--encoder", encoder, "--data", data, "--max-seq-length", "2",
                                       "--dtype", "bf16", "--out", str(out)])
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     beir_eval.main()
     assert seen == {"length": 2, "bf16": True, "dtype": torch.bfloat16, "cut": 2}
+    assert "--dtype bf16 on a CPU without AVX-512 (AVX2): bf16 is emulated" in capsys.readouterr().err
     assert set(json.loads(out.read_text())["toyset"]) == set(beir_eval.METRICS)
     monkeypatch.setattr(sys, "argv", ["eval.py", "--encoder", encoder, "--data", data])
-    beir_eval.main()  # the defaults: the encoder's own length, fp32
-    assert seen["bf16"] is False and seen["cut"] == 6
+    beir_eval.main()  # the defaults: the encoder's own length, fp32, no warning
+    assert seen["bf16"] is False and seen["cut"] == 6 and "warning" not in capsys.readouterr().err
     monkeypatch.setattr(sys, "argv", ["eval.py", "--encoder", encoder, "--data", data, "--max-seq-length", "0"])
     with pytest.raises(SystemExit) as stopped:
         beir_eval.main()
