@@ -208,11 +208,12 @@ def bm25_report(cfg, log):
 
 
 def seed_mean(reports):
-    """Per-query values averaged over a method's seeds (one report: itself), on the query sets they share."""
+    """Per-query values averaged over a method's seeds (one report: itself), on the query sets and
+    metrics they share (a grid run's beir.json keeps more metrics than a report)."""
     first = reports[0]["after"]["per_query"]
     shared = [s for s in first if all(s in r["after"]["per_query"] for r in reports)]
     return {s: {m: {q: sum(r["after"]["per_query"][s][m][q] for r in reports) / len(reports) for q in first[s][m]}
-                for m in first[s]} for s in shared}
+                for m in first[s] if all(m in r["after"]["per_query"][s] for r in reports)} for s in shared}
 
 
 def report_tables(cfg, grid, best, final, ablation_rows, dev_sets=(), shown_beta=False):

@@ -315,6 +315,11 @@ def test_a_tiny_corpus_trains_end_to_end_and_reports_dev_and_test_halves(tmp_pat
     grid_table = compare.runs_table([replug.out_dir, zero.out_dir])
     assert "other dev (2 queries)" in grid_table
     assert f"| {replug.out_dir} | 0.7500 |  | +0.3750 [+0.2500, +0.5000] |" in grid_table
+    # seeds whose kept values hold different metrics are averaged on the metrics they share
+    with open(os.path.join(zero.out_dir, "beir.json"), "w") as f:
+        json.dump({"other dev": [{}, {"ndcg@10": {"a": 0.25, "b": 0.5}, "mrr@10": {"a": 1.0, "b": 1.0}}]}, f)
+    seeds = f"{zero.out_dir}+{replug.out_dir}"
+    assert f"| {seeds} | 0.5625 |" in compare.runs_table([seeds])
     assert "different dream.py" not in table  # one dream.py trained both; another is named
     path = os.path.join(zero.out_dir, "report.json")
     with open(path) as f:
