@@ -138,6 +138,13 @@ def test_replug_matches_the_lm_per_document_and_pulls_every_candidate(tmp_path):
     assert (scores.grad != 0).all()  # every candidate's score is pulled, not only the last one's
 
 
+def test_code_version_is_read_once_a_process(monkeypatch):
+    first = train.code_version()  # a later commit or edit in the checkout does not rename what runs
+    monkeypatch.setattr(train.subprocess, "run", lambda *a, **k: pytest.fail("git read again"))
+    monkeypatch.setattr(train.dream, "__file__", "/nonexistent/dream.py")
+    assert train.code_version() == first and first["dream_sha256"]
+
+
 def test_only_the_losses_that_read_heads_rank_them(tmp_path, monkeypatch):
     ranked = []
     monkeypatch.setattr(train, "detect_heads", lambda cfg, *_: ranked.append(cfg.loss) or "0-0")

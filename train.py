@@ -18,6 +18,7 @@ settings, seeds, intervals, the signal probe) is compare.py.
 """
 import argparse
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -303,6 +304,7 @@ def health(run, step, report):
 # what produced a run, and checkpoints that resume exactly
 
 
+@functools.cache  # once a process: the code it runs, not what the checkout holds when a long grid ends
 def code_version():
     """What produced a run: the git commit of this code, whether the checkout had uncommitted
     changes, and a hash of dream.py (compare.py reuses a saved run only under the same dream.py)."""
