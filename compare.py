@@ -37,7 +37,7 @@ from eval import encode, evaluate_beir, evaluate_questions, ids_and_texts, load_
 from config import Config, add_config_flags, load_lm, resolve_models, settings
 from objectives import (adist_mass, emdr_loss, examples, lm_batch, loop_losses, nll_per_document,
                         token_nll_per_document)
-from train import choose_heads, code_version, load_encoder, train
+from train import HEADED, choose_heads, code_version, load_encoder, train  # HEADED: the losses --grid-heads applies to
 
 # -----------------------------------------------------------------------------
 # the grid on QA dev, the report on QA test and BEIR with paired bootstrap intervals
@@ -45,7 +45,6 @@ from train import choose_heads, code_version, load_encoder, train
 METHODS = {"DREAM": "dream", "REPLUG-LSR": "replug", "ADist": "adist", "LOOP": "loop", "EMDR²": "emdr",
            "InfoNCE (gold labels)": "infonce"}
 TARGET_TEMPERATURE = {"replug", "adist", "loop"}  # the methods whose target has a temperature tau_g (--beta)
-HEADED = {"dream", "adist"}  # the methods that read the chosen heads: --grid-heads
 HEADS = {"all": {"heads": "all"},  # --grid-heads: the heads DREAM biases; any other value is a --heads value
          "loo": {"heads": "auto", "head_source": "loo"},  # head_count heads ranked without labels
          "gold": {"heads": "auto", "head_source": "gold"}}  # ranked on detection_questions gold-labelled questions

@@ -48,6 +48,8 @@ from objectives import Scorer, examples, lm_batch, step_loss
 # -----------------------------------------------------------------------------
 # which heads get the bias: auto (ranked as QRHead does, heads.py), random, all, a list, or a file
 
+HEADED = {"dream", "adist"}  # the losses that read heads (the others rank none)
+
 
 def choose_heads(cfg, lm, tok, train_qs, passages, log):
     """cfg.heads as a string dream.resolve_heads reads."""
@@ -205,7 +207,7 @@ def setup(cfg, log):
         dream.resolve_heads(lm, cfg.heads)  # a bad head fails now, not after the data is ready
     train_qs, dev_qs, test_qs, passages, doc_ids = load_data(cfg, tok, log)
     log(f"{time.time() - t0:.0f}s to set up" + (f"; {world} processes" if world > 1 else ""))
-    if cfg.loss not in ("dream", "adist") and cfg.heads in ("auto", "random"):
+    if cfg.loss not in HEADED and cfg.heads in ("auto", "random"):
         cfg = dataclasses.replace(cfg, heads="all")  # no other loss reads heads: rank none
     heads_file = os.path.join(cfg.out_dir, "heads.txt")
     if cfg.heads == "auto" and cfg.resume and os.path.exists(heads_file):
