@@ -53,9 +53,12 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch):
     assert any("the start encoder: evaluation reused" in line for line in logged)
     assert len(calls) == before_training + 4 + 1  # steps 0..3, and step 4's call that "died"
     assert torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=False)["step"] == 3
-    resumed, _ = train.train(dataclasses.replace(cfg, resume=True), log=quiet)
+    resumed, report = train.train(dataclasses.replace(cfg, resume=True), log=quiet)
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+    # the seconds a step average the steps before the crash too (a resume that only evaluates: not 0)
+    assert len(report["step_seconds"]) == cfg.steps and all(t > 0 for t in report["step_seconds"])
+    assert report["seconds_per_step"] == pytest.approx(sum(report["step_seconds"]) / cfg.steps)
     key = "0.model.embeddings.word_embeddings.weight"
     assert not torch.equal(whole.state_dict()[key], dream.load_retriever(cfg.encoder).state_dict()[key])
 

@@ -427,7 +427,8 @@ def train(cfg, log=tqdm.write):
         health(run, 0, report)
     run.retriever.train()
     bar = tqdm(range(start, cfg.steps), desc="training", initial=start, total=cfg.steps, disable=not master)
-    t_train, step_times = time.time(), []
+    t_train = time.time()
+    step_times = report.setdefault("step_seconds", [])  # in the checkpoint: a resumed run counts every step
     for step in bar:
         t = time.time()
         loss, gold = training_step(run, opt, step)
