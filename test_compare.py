@@ -144,6 +144,7 @@ def test_compare_runs_each_reading_as_a_method_and_retrains_what_another_dream_p
     report = json.loads(path.read_text())
     assert report["code"]["dream_sha256"] == compare.code_version()["dream_sha256"]
     assert len(report["code"]["commit"] or "") in (0, 40)  # a git checkout gives its commit
+    assert report["machine"]["cpu"] and report["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     # a run that another dream.py trained is trained again, or reused with a warning when asked
     report["code"]["dream_sha256"] = "another"
     path.write_text(json.dumps(report))

@@ -53,9 +53,13 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch):
     assert any("the start encoder: evaluation reused" in line for line in logged)
     assert len(calls) == before_training + 4 + 1  # steps 0..3, and step 4's call that "died"
     assert torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=False)["step"] == 3
-    resumed, report = train.train(dataclasses.replace(cfg, resume=True), log=quiet)
+    real_machine = train.machine()  # resumed elsewhere: the machine it started on is kept, the other said
+    monkeypatch.setattr(train, "machine", lambda: {**real_machine, "cpu": "another CPU"})
+    resumed, report = train.train(dataclasses.replace(cfg, resume=True), log=logged.append)
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+    assert report["machine"] == real_machine and report["machine_resumed"]["cpu"] == "another CPU"
+    assert any("resumed on another machine" in line for line in logged)
     # the seconds a step average the steps before the crash too (a resume that only evaluates: not 0)
     assert len(report["step_seconds"]) == cfg.steps and all(t > 0 for t in report["step_seconds"])
     assert report["seconds_per_step"] == pytest.approx(sum(report["step_seconds"]) / cfg.steps)
@@ -216,6 +220,9 @@ def test_scores_centring_and_infonce_logits_stay_fp32_under_bf16_autocast(tmp_pa
 def test_decoder_preset_sets_the_paper_retriever_and_flags_given_win():
     _, cfg = train.parse_args(["--decoder"])
     assert (cfg.encoder, cfg.pooling, cfg.lora, cfg.lr, cfg.out_dir) == ("lm", "last", 16, 1e-3, "out/decoder")
+    assert (cfg.query_prompt, cfg.document_prompt) == ("query: ", "passage: ")  # both dev signals' choice
+    _, cfg = train.parse_args(["--decoder", "--query-prompt", "", "--document-prompt", ""])  # the runs before
+    assert (cfg.query_prompt, cfg.document_prompt) == ("", "")
     _, cfg = train.parse_args(["--decoder", "--lr", "3e-5", "--out-dir", "mine", "--lora=4"])
     assert (cfg.encoder, cfg.lr, cfg.out_dir, cfg.lora) == ("lm", 3e-5, "mine", 4)
     _, cfg = train.parse_args(["--small"])
@@ -353,6 +360,7 @@ def test_every_flag_explains_itself_with_its_default_and_choices(capsys, monkeyp
     code, text = help_of(train.parse_args, ["--decoder", "--help"])  # the preset's defaults, shown
     assert re.search(r"--lr LR\s+.*\(default: 0\.001\)", text)
     assert re.search(r"--out-dir OUT_DIR\s+.*\(default: out/decoder\)", text)
+    assert "--query-prompt 'query: '" in " ".join(text.split())  # the preset, quoted as a shell reads it
     code, text = help_of(train.parse_args, ["--small", "--loss", "bm25"])  # a bad choice: argparse names the choices
     assert code == 2 and ("argument --loss: invalid choice: 'bm25' (choose from 'dream', 'replug', 'adist', 'loop', "
                           "'emdr', 'infonce')") in text

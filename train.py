@@ -24,6 +24,7 @@ import inspect
 import json
 import math
 import os
+import platform
 import random
 import subprocess
 import time
@@ -322,6 +323,19 @@ def code_version():
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no")), "dream_sha256": dream_sha}
 
 
+def machine():
+    """Where a run trained: the same run on two CPUs is two runs (float rounding; RESULTS.md 11), so
+    runs are paired only within one machine."""
+    cpu = platform.processor()
+    try:  # linux names the model; platform.processor() is often only the architecture
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
 def rng_state(device):
     """Every generator training draws from (dropout): the CPU's and, on a GPU, the device's."""
     state = {"cpu": torch.get_rng_state()}
@@ -418,9 +432,13 @@ def train(cfg, log=tqdm.write):
     master, ckpt_path = run.rank == 0, os.path.join(cfg.out_dir, "ckpt.pt")  # rank 0 logs and writes
     opt = torch.optim.AdamW([p for p in run.retriever.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    start, report = 0, {"config": dataclasses.asdict(cfg), "heads": run.cfg.heads, "code": code_version()}
+    start, report = 0, {"config": dataclasses.asdict(cfg), "heads": run.cfg.heads, "code": code_version(),
+                     "machine": machine()}
     if cfg.resume:
         start, report = resume(run, opt, cfg, ckpt_path)
+        if report.get("machine") != machine():  # said, not hidden: its steps ran on two machines
+            run.log(f"warning: resumed on another machine than it started on: {report.setdefault('machine', None)}")
+            report["machine_resumed"] = machine()
     elif cfg.evaluate_before:
         report["before"] = start_evaluation(run)
     if start == 0:
