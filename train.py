@@ -436,9 +436,10 @@ def train(cfg, log=tqdm.write):
                      "machine": machine()}
     if cfg.resume:
         start, report = resume(run, opt, cfg, ckpt_path)
-        if report.get("machine") != machine():  # said, not hidden: its steps ran on two machines
-            run.log(f"warning: resumed on another machine than it started on: {report.setdefault('machine', None)}")
-            report["machine_resumed"] = machine()
+        here = machine()  # a checkpoint from before reports kept the machine names none: nothing to say
+        if report.get("machine", here) != here:  # said, not hidden: its steps ran on two machines
+            run.log(f"warning: resumed on another machine than it started on ({report['machine']['cpu']})")
+            report["machine_resumed"] = here
     elif cfg.evaluate_before:
         report["before"] = start_evaluation(run)
     if start == 0:
