@@ -507,8 +507,11 @@ def main():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # every default shown
     parser.add_argument("--encoder", help="hub name or local folder (or leave out, with --bm25)")
     parser.add_argument("--data", action="append", required=True, help="BEIR folder or name (repeatable)")
-    parser.add_argument("--split", default="test", help="the qrels split whose queries are evaluated")
+    parser.add_argument("--split", default="test", help="the qrels split(s) whose queries are evaluated; "
+                        "several (train,test): one search of the corpus serves them all")
     parser.add_argument("--out", help="write the metrics here as JSON")
+    parser.add_argument("--per-query", action="store_true", help="--out keeps each query's values too: "
+                        "{set: [means, {metric: {query id: value}}]}, as compare.py pairs them (beir.json)")
     parser.add_argument("--save-run", help="write the run(s) here in TREC format")
     parser.add_argument("--bm25", action="store_true", help="evaluate BM25 (too, or alone)")
     parser.add_argument("--batch-size", type=int, default=64, help="texts encoded at once")
@@ -549,37 +552,43 @@ def main():
             if prompt is not None:
                 retriever.prompts[task] = prompt
         tag = os.path.basename(os.path.normpath(args.encoder))
-    several_runs = len(args.data) * (bool(args.encoder) + args.bm25) > 1
-    results, names = {}, []
+    splits = [split for split in args.split.split(",") if split]
+    several_runs = len(args.data) * len(splits) * (bool(args.encoder) + args.bm25) > 1
+    results, per_query, names = {}, {}, []
     for data, folder in zip(args.data, folders):
         name = os.path.basename(os.path.normpath(data))
         try:
             with quiet():
-                corpus, queries, qrels = load_beir(folder, args.split)
+                loaded = {split: load_beir(folder, split) for split in splits}
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
-        log(f"{name}: {len(corpus)} documents, {len(queries)} {args.split} queries")
-        runs = {}
+        corpus = loaded[splits[0]][0]
+        queries = {q: text for _, split_queries, _ in loaded.values() for q, text in split_queries.items()}
+        log(f"{name}: {len(corpus)} documents, " + ", ".join(f"{len(q)} {s} queries" for s, (_, q, _) in loaded.items()))
+        runs = {}  # one search of the corpus for every split's queries, keyed by system
         if args.encoder:
             t0 = time.time()
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
-                runs[name] = dense_search(retriever, corpus, queries, batch_size=args.batch_size)
+                runs[""] = dense_search(retriever, corpus, queries, batch_size=args.batch_size)
             log(f"{name}: encoded and searched in {time.time() - t0:.1f}s")
         if not master:
             continue  # the encoding was shared; the rest is rank 0's
         if args.bm25:
-            runs[f"{name}/bm25"] = bm25_search(corpus, queries, progress=True)
-        for key, run in runs.items():
-            results[key] = evaluate(qrels, run)
-            if args.save_run:
-                run_tag = "bm25" if key.endswith("/bm25") else tag
-                save_run(run, run_file(args.save_run, key, several_runs), run_tag)
-        names.append(name)
+            runs["/bm25"] = bm25_search(corpus, queries, progress=True)
+        for split, (_, split_queries, qrels) in loaded.items():
+            entry = name if len(splits) == 1 else f"{name}/{split}"
+            for system, run in runs.items():
+                run = {q: run.get(q, {}) for q in split_queries}
+                results[entry + system], per_query[entry + system] = evaluate(qrels, run, per_query=True)
+                if args.save_run:
+                    save_run(run, run_file(args.save_run, entry + system, several_runs), "bm25" if system else tag)
+            names.append(entry)
     if master:
         print_table(results, names, bool(args.encoder), args.bm25)
         if args.out:
             with open(args.out, "w") as f:
-                json.dump(results, f, indent=2)
+                json.dump({k: [v, per_query[k]] for k, v in results.items()} if args.per_query else results, f,
+                          indent=None if args.per_query else 2)
     if world > 1:
         dist.destroy_process_group()
 

@@ -287,6 +287,35 @@ def test_command_line_writes_table_json_and_runs(tmp_path, monkeypatch, capsys):
     assert len((tmp_path / "run.toyset.tsv").read_text().splitlines()) == 2 * 3
 
 
+def test_command_line_several_splits_share_one_search_and_keep_per_query_values(tmp_path, monkeypatch):
+    """--split train,test: each split's metrics and run are those of its own eval.py call, from one
+    search of the corpus; --per-query keeps each query's values, whose means are the metrics."""
+    encoder = toy_bert_folder(tmp_path / "encoder")
+    data = write_beir(tmp_path / "toyset", CORPUS, QUERIES, QRELS)
+    write_beir(tmp_path / "toyset", CORPUS, QUERIES, [("q3", "d3", 1), ("q1", "d2", 1)], split="train")
+    searches, search = [], beir_eval.dense_search
+    monkeypatch.setattr(beir_eval, "dense_search", lambda r, c, q, **kw: searches.append(sorted(q)) or search(r, c, q, **kw))
+
+    def run(split, *flags):
+        out = tmp_path / f"{split}.json"
+        monkeypatch.setattr(sys, "argv", ["eval.py", "--encoder", encoder, "--data", data, "--bm25", "--split", split,
+                                          "--out", str(out), "--save-run", str(tmp_path / f"{split}.tsv"), *flags])
+        beir_eval.main()
+        return json.loads(out.read_text())
+    both = run("train,test", "--per-query")
+    assert searches == [["q1", "q2", "q3"]]  # one search, every split's queries
+    assert set(both) == {"toyset/train", "toyset/test", "toyset/train/bm25", "toyset/test/bm25"}
+    for split in ("train", "test"):
+        alone = run(split)
+        for system in ("", "/bm25"):
+            means, values = both[f"toyset/{split}{system}"]
+            assert means == pytest.approx(alone[f"toyset{system}"], abs=1e-6)
+            assert set(values["ndcg@10"]) == ({"q1", "q3"} if split == "train" else {"q1", "q2"})
+            assert means["ndcg@10"] == pytest.approx(sum(values["ndcg@10"].values()) / 2)
+            kept = (tmp_path / f"train,test.toyset.{split}{system.replace('/', '.')}.tsv").read_text().split("\n")
+            assert {line.split()[0] for line in kept if line} == set(values["ndcg@10"])
+
+
 def test_command_line_cuts_texts_and_encodes_in_bf16(tmp_path, monkeypatch, capsys):
     encoder = toy_bert_folder(tmp_path / "encoder")
     data = write_beir(tmp_path / "toyset", CORPUS, QUERIES, QRELS)
