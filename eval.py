@@ -523,6 +523,8 @@ def main():
     args = parser.parse_args()
     if not args.encoder and not args.bm25:
         parser.error("nothing to evaluate: give --encoder NAME_OR_DIR and/or --bm25")
+    if not [split for split in args.split.split(",") if split]:
+        parser.error(f"--split {args.split!r}: name a qrels split (test), or several (train,test)")
     if args.max_seq_length is not None and args.max_seq_length < 1:
         parser.error(f"--max-seq-length {args.max_seq_length}: give a positive number of tokens")
 

@@ -314,6 +314,10 @@ def test_command_line_several_splits_share_one_search_and_keep_per_query_values(
             assert means["ndcg@10"] == pytest.approx(sum(values["ndcg@10"].values()) / 2)
             kept = (tmp_path / f"train,test.toyset.{split}{system.replace('/', '.')}.tsv").read_text().split("\n")
             assert {line.split()[0] for line in kept if line} == set(values["ndcg@10"])
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--encoder", encoder, "--data", data, "--split", ","])
+    with pytest.raises(SystemExit) as stopped:  # no split named: a clear error, not a crash
+        beir_eval.main()
+    assert stopped.value.code == 2
 
 
 def test_command_line_cuts_texts_and_encodes_in_bf16(tmp_path, monkeypatch, capsys):
