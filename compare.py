@@ -59,9 +59,10 @@ ABLATIONS = {"random_heads": ("DREAM, 16 random heads", {"heads": "random"}),
 
 def compare(cfg, grid_lr="3e-5,1e-4,3e-4", grid_temperature="0.05,0.2", seeds=2, ablations=(), rebuild=False,
             grid_heads="all,loo,gold", methods=tuple(METHODS.values()), grid_reading="scale", reuse_older=False,
-            table="compare", grid_beta="", log=print):
+            table="compare", grid_beta="", own_temperature=False, log=print):
     """The grid (grid_lr; grid_temperature for every label-free method; grid_heads for DREAM and
-    ADist; grid_beta, tau_g, for REPLUG-LSR, ADist and LOOP, "" = cfg.beta alone) for
+    ADist; grid_beta, tau_g, for REPLUG-LSR, ADist and LOOP, "" = cfg.beta alone; own_temperature: those
+    three at grid_temperature's first tau only, so that every method tries as many temperatures) for
     every method named in `methods`, DREAM once for each reading in grid_reading (keys of
     READINGS; "DREAM" is scale, "DREAM (set)" another); each method's settings are the ones with the best dev score:
     the mean nDCG@10 of QA dev and of every BEIR folder's dev queries (SciFact's train queries), or
@@ -141,7 +142,8 @@ def compare(cfg, grid_lr="3e-5,1e-4,3e-4", grid_temperature="0.05,0.2", seeds=2,
     grid, best = {}, {}
     for name, loss, reading, suffix in methods:
         for lr in lrs:
-            for tau in (taus if loss != "infonce" else [cfg.temperature]):
+            for tau in ([cfg.temperature] if loss == "infonce" else
+                        taus[:1] if own_temperature and loss in TARGET_TEMPERATURE else taus):
                 for heads in (grid_heads.split(",") if loss in HEADED else ["all"]):
                     for beta in (betas if loss in TARGET_TEMPERATURE else [cfg.beta]):
                         folder = f"grid/{loss}{suffix}_lr{lr:g}_tau{tau:g}"
@@ -557,6 +559,9 @@ def main():
     parser.add_argument("--grid-temperature", default="0.05,0.2", help="and every label-free method these")
     parser.add_argument("--grid-beta", default="", help="and REPLUG-LSR, ADist and LOOP these tau_g (default: "
                         "%(default)r, --beta alone)")
+    parser.add_argument("--grid-own-temperature", action="store_true", help="each method its own temperature: tau "
+                        "(DREAM, EMDR²) from --grid-temperature, tau_g (REPLUG-LSR, ADist, LOOP) from --grid-beta at "
+                        "--grid-temperature's first: every method the same grid size")
     parser.add_argument("--grid-heads", default="all,loo,gold", help="and DREAM and ADist these heads: all; loo or gold, "
                         "--head-count heads ranked without labels or on --detection-questions gold-labelled "
                         "questions; or any --heads value")
@@ -585,7 +590,7 @@ def main():
     else:
         compare(cfg, args.grid_lr, args.grid_temperature, args.seeds, [a for a in args.ablations.split(",") if a],
                 args.rebuild, args.grid_heads, args.methods.split(","), args.grid_reading, args.reuse_older, args.table,
-                args.grid_beta)
+                args.grid_beta, args.grid_own_temperature)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,14 @@ def test_compare_runs_the_grid_chooses_on_dev_and_writes_intervals(tmp_path, mod
     assert {c.beta for c in map(lambda t: compare.Config(**compare.settings(json.loads(open(
         os.path.join(t, "report.json")).read())["config"])), trained) if c.loss == "loop"} == {0.1, 0.5}
     assert "| method | lr | tau | tau_g | heads |" in (tmp_path / "only" / "compare.md").read_text()
+    # each its own temperature: EMDR² tries both tau, LOOP both tau_g at the first tau; the grid is as large for each
+    trained.clear()
+    compare.compare(only, grid_lr="1e-3", grid_temperature="0.05,0.2", grid_beta="0.1,0.5", seeds=1,
+                    methods=["loop", "emdr"], own_temperature=True, table="own", log=lambda *_: None)
+    assert [os.path.basename(t) for t in trained] == ["emdr_lr0.001_tau0.2"]  # the rest reused
+    grid = json.loads((tmp_path / "only" / "own.json").read_text())["grid"]
+    assert sorted(os.path.basename(f) for f in grid) == ["emdr_lr0.001_tau0.05", "emdr_lr0.001_tau0.2",
+                                                        "loop_lr0.001_tau0.05", "loop_lr0.001_tau0.05_beta0.5"]
 
 
 def test_compare_runs_each_reading_as_a_method_and_retrains_what_another_dream_py_trained(tmp_path, model_folders,
