@@ -137,6 +137,9 @@ def compare(cfg, grid_lr="3e-5,1e-4,3e-4", grid_temperature="0.05,0.2", seeds=2,
     lrs = [float(x) for x in grid_lr.split(",")]
     taus = [float(x) for x in grid_temperature.split(",")]
     betas = [float(x) for x in grid_beta.split(",")] if grid_beta else [cfg.beta]
+    if own_temperature and len(betas) != len(taus):  # else one kind of method silently gets the larger grid
+        raise ValueError(f"--grid-own-temperature: give --grid-beta as many tau_g as --grid-temperature has tau "
+                         f"({grid_temperature}), so that every method tries as many temperatures")
     shown_beta = grid_beta or any(loss in ("adist", "loop") for _, loss, _, _ in methods)  # the grid table's tau_g
     run("start", steps=0, eval_data="none", heads="all")  # heads: only DREAM's runs use them
     grid, best = {}, {}

@@ -123,6 +123,9 @@ def test_compare_runs_the_grid_chooses_on_dev_and_writes_intervals(tmp_path, mod
     compare.compare(only, grid_lr="1e-3", grid_temperature="0.05,0.2", grid_beta="0.1,0.5", seeds=1,
                     methods=["loop", "emdr"], own_temperature=True, table="own", log=lambda *_: None)
     assert [os.path.basename(t) for t in trained] == ["emdr_lr0.001_tau0.2"]  # the rest reused
+    with pytest.raises(ValueError, match="--grid-own-temperature: give --grid-beta as many tau_g"):
+        compare.compare(only, grid_lr="1e-3", grid_temperature="0.05,0.2", seeds=1, methods=["loop", "emdr"],
+                        own_temperature=True, log=lambda *_: None)
     grid = json.loads((tmp_path / "only" / "own.json").read_text())["grid"]
     assert sorted(os.path.basename(f) for f in grid) == ["emdr_lr0.001_tau0.05", "emdr_lr0.001_tau0.2",
                                                         "loop_lr0.001_tau0.05", "loop_lr0.001_tau0.05_beta0.5"]
